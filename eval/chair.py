@@ -1,0 +1,282 @@
+"""CHAIR (Caption Hallucination Assessment with Image Relevance; Rohrbach et al., EMNLP 2018).
+
+A caption's object *mentions* are found with a vocabulary of surface forms; a mention whose category is not in
+the image's ground-truth set is hallucinated. Over a set of captions:
+
+- ``chair_s`` = captions with at least one hallucinated mention / captions;
+- ``chair_i`` = hallucinated mentions / all mentions (mentions, not unique objects);
+- ``recall``  = sum over captions of |mentioned categories & ground truth| / sum of |ground truth|;
+- ``avg_len`` = mean number of tokens per caption, counted as the reference does (after merging double words,
+  punctuation tokens included).
+
+All four are fractions (papers and lmms-eval print them x 100, ``avg_len`` as is).
+
+Caption processing follows the reference (``LisaAnne/Hallucination:utils/chair.py`` as modified by Maxlinn and
+used by OPERA/VCD/PAI): lower-case, tokenise, singularise each word, merge two-word phrases with the double-word
+table, drop "seat" when "toilet" is in the caption, then keep the words that are surface forms. The reference
+tokenises with NLTK and lemmatises with WordNet guided by a POS tagger, whose data cannot be installed offline;
+here a regular-expression tokeniser close to NLTK's Treebank tokeniser and a noun singulariser built on
+``inflect`` take their place. Words that are themselves surface forms or parts of double words are never
+changed ("bus", "tennis", "glass", "people"), and an ``inflect`` result outside the vocabulary gives way to
+dropping a final "s"/"es" when that yields a vocabulary word ("mouses" -> "mouse"). Known differences from the reference (it lemmatises
+words tagged as verbs, so "skiing" -> "ski" -> skis; here verbs are left alone) are listed with worked examples
+in ``tests/test_eval_chair.py``.
+
+Quirks of the reference that are kept because they come from its data: "motor bike" and "cheesecake" are never
+detected (the synonym list spells them " motor bike" and " cheesecake" with a leading space), "train track" and
+"home plate" merge into non-objects (so "train tracks" is not a train), "baby"/"adult" + animal is the animal
+(not a person), "passenger jet"/"passenger train" are vehicles, "bow tie" and "toilet seat" are tie and toilet.
+
+Vocabulary JSON format (:meth:`ChairVocabulary.load`), shared with the synthetic scene generator::
+
+    {"categories": ["cat", "dining table", ...],           # the category (node word) names
+     "synonyms": {"cat": "cat", "kitten": "cat", "table": "dining table", ...},   # surface form -> category
+     "double_words": {"dining table": "dining table", "baby cat": "cat", ...},    # "w1 w2" -> merged token
+     "ignore_if_present": {"seat": ["toilet"]}}            # optional: word not counted when any listed word occurs
+
+Surface forms and double-word keys are lower-case and in singular form (the words are singularised before
+lookup). The COCO vocabulary is read from ``chair_synonyms.json`` (keys ``inverse_synonym_dict`` and
+``double_word_dict``; :meth:`ChairVocabulary.load` recognises both formats). Ground truth is a JSON object
+``{image_id: [category, ...]}`` (optionally gzip-compressed), e.g. ``coco2014_chair_gt_objects.json.gz``.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import inflect
+
+from data.jsonl import DataFormatError, read_json, read_json_records
+
+_INFLECT = inflect.engine()
+
+# Tokeniser close to NLTK's Treebank word tokeniser (what nltk.word_tokenize applies per sentence): "n't" and
+# the clitics 's 're 've 'll 'd 'm are separate tokens ("don't" -> do n't, "can't" -> ca n't), "cannot" is
+# "can not", hyphenated words and numbers such as 3.5 or 1,000 stay whole, and every other punctuation mark is
+# a token ("..." and "--" as one).
+_TOKEN = re.compile(
+    r"[^\W_]+?(?=n't\b)|n't\b|'(?:s|re|ve|ll|d|m)\b|\bcan(?=not\b)"
+    r"|[^\W_]+(?:[-.][^\W_]+|,\d+)*|\.\.\.|--|\S",
+    re.IGNORECASE,
+)
+
+
+def tokenize_caption(caption: str) -> list[str]:
+    """Lower-case a caption and split it into word and punctuation tokens (see the comment above)."""
+    return [match.group().lower() for match in _TOKEN.finditer(caption)]
+
+
+class ChairVocabulary:
+    """Surface forms -> categories, two-word merges and suppression rules used to find object mentions.
+
+    Build it with :meth:`load` (either JSON format) or directly from mappings (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        synonyms: Mapping[str, str],
+        double_words: Mapping[str, str] | None = None,
+        categories: Iterable[str] | None = None,
+        ignore_if_present: Mapping[str, Sequence[str]] | None = None,
+    ):
+        self.synonyms = dict(synonyms)
+        self.double_words = dict(double_words or {})
+        self.categories = tuple(categories) if categories is not None else tuple(sorted(set(self.synonyms.values())))
+        self.ignore_if_present = {word: tuple(others) for word, others in (ignore_if_present or {}).items()}
+        unknown = sorted(set(self.synonyms.values()) - set(self.categories))
+        if unknown:
+            raise ValueError(f"synonyms map to categories missing from 'categories': {unknown[:5]}")
+        # Words the singulariser must leave alone: every word of a surface form or of a double word.
+        self._protected = {part for phrase in [*self.synonyms, *self.double_words] for part in phrase.split()}
+        self._singular_cache: dict[str, str] = {}
+
+    @classmethod
+    def load(cls, path: str | Path) -> ChairVocabulary:
+        """Read a vocabulary JSON: the generic format or the COCO ``chair_synonyms.json``."""
+        data = read_json(path)
+        if "inverse_synonym_dict" in data:
+            # The reference's "" -> "" entry can never match a token (tokens are never empty): drop it.
+            synonyms = {surface: category for surface, category in data["inverse_synonym_dict"].items() if surface}
+            return cls(
+                synonyms=synonyms,
+                double_words=data.get("double_word_dict"),
+                categories=data.get("categories"),  # written by data.shapes.chair_vocabulary, absent for COCO
+                # Reference rule: "the seat of the toilet" must not fire for chair.
+                ignore_if_present={"seat": ["toilet"]},
+            )
+        if "synonyms" not in data:
+            raise ValueError(f"{path}: a CHAIR vocabulary needs a 'synonyms' field (see eval/chair.py)")
+        return cls(
+            synonyms=data["synonyms"],
+            double_words=data.get("double_words"),
+            categories=data.get("categories"),
+            ignore_if_present=data.get("ignore_if_present"),
+        )
+
+    def singularize(self, word: str) -> str:
+        """Singular form of ``word`` as a noun; vocabulary words and non-alphabetic tokens are unchanged."""
+        cached = self._singular_cache.get(word)
+        if cached is not None:
+            return cached
+        result = word
+        if word not in self._protected and word.isalpha():
+            candidate = _INFLECT.singular_noun(word) or word
+            if candidate not in self._protected:
+                # inflect knows irregular plurals but not every regular one ("mouses" -> "mous"); like
+                # WordNet's morphy, prefer a plain "-s"/"-es" removal that lands on a vocabulary word.
+                for suffix in ("s", "es"):
+                    if word.endswith(suffix) and word[: -len(suffix)] in self._protected:
+                        candidate = word[: -len(suffix)]
+                        break
+            result = candidate
+        self._singular_cache[word] = result
+        return result
+
+
+@dataclass
+class CaptionObjects:
+    """Object mentions found in one caption.
+
+    ``words``: the caption's tokens after singularisation and double-word merging (the reference's "raw words");
+    ``spans``: for each of ``words``, its ``(start, end)`` character range in the caption;
+    ``mentions``: ``(index in words, surface form, category)`` for every object word, in caption order.
+    """
+
+    words: list[str]
+    spans: list[tuple[int, int]]
+    mentions: list[tuple[int, str, str]]
+
+    @property
+    def categories(self) -> list[str]:
+        return [category for _, _, category in self.mentions]
+
+
+def extract_objects(caption: str, vocabulary: ChairVocabulary) -> CaptionObjects:
+    """Find the object mentions of ``caption`` (tokenise, singularise, merge double words, look up)."""
+    matches = list(_TOKEN.finditer(caption))
+    words = [vocabulary.singularize(match.group().lower()) for match in matches]
+    merged, spans = [], []
+    i = 0
+    while i < len(words):
+        pair = " ".join(words[i : i + 2])
+        width = 2 if i + 1 < len(words) and pair in vocabulary.double_words else 1
+        merged.append(vocabulary.double_words[pair] if width == 2 else words[i])
+        spans.append((matches[i].start(), matches[i + width - 1].end()))
+        i += width
+    present = set(merged)
+    ignored = {w for w, others in vocabulary.ignore_if_present.items() if w in present and present & set(others)}
+    mentions = [
+        (index, word, vocabulary.synonyms[word])
+        for index, word in enumerate(merged)
+        if word in vocabulary.synonyms and word not in ignored
+    ]
+    return CaptionObjects(words=merged, spans=spans, mentions=mentions)
+
+
+def image_id_key(image_id: int | str) -> str:
+    """Canonical ground-truth key: COCO ids as decimal strings without zero padding ("000000579664" -> "579664")."""
+    text = str(image_id).strip()
+    return str(int(text)) if text.isdigit() else text
+
+
+def load_chair_ground_truth(path: str | Path) -> dict[str, frozenset[str]]:
+    """Read ``{image_id: [category, ...]}`` JSON (``.gz`` allowed) into ``{image_id_key: frozenset}``."""
+    path = Path(path)
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        data = json.load(handle)
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: CHAIR ground truth must be a JSON object {{image_id: [category, ...]}}")
+    return {image_id_key(key): frozenset(objects) for key, objects in data.items()}
+
+
+def load_captions(
+    path: str | Path, image_id_key_name: str = "image_id", caption_key: str = "caption"
+) -> list[dict]:
+    """Read generated captions from a JSON list or JSON Lines file into ``[{"image_id", "caption"}]``."""
+    captions = []
+    for number, record in enumerate(read_json_records(path), start=1):
+        if image_id_key_name not in record or caption_key not in record:
+            raise DataFormatError(f"{path}: record {number} needs {image_id_key_name!r} and {caption_key!r}")
+        captions.append({"image_id": record[image_id_key_name], "caption": record[caption_key]})
+    return captions
+
+
+def load_image_ids(path: str | Path) -> list[str]:
+    """Read a fixed evaluation image-id list: a JSON list or one id per line."""
+    path = Path(path)
+    text = path.read_text(encoding="utf-8").strip()
+    ids = json.loads(text) if text.startswith("[") else text.split()
+    return [image_id_key(i) for i in ids]
+
+
+def evaluate_chair(
+    captions: Sequence[Mapping],
+    ground_truth: Mapping[str, Iterable[str]],
+    vocabulary: ChairVocabulary,
+    image_ids: Sequence[int | str] | None = None,
+    max_new_tokens: int | None = None,
+) -> dict:
+    """CHAIR_S, CHAIR_I, recall and average length of ``captions`` (``[{"image_id", "caption"}]``).
+
+    ``ground_truth`` is keyed by :func:`image_id_key` (as :func:`load_chair_ground_truth` returns it);
+    ``image_ids`` restricts the evaluation to a fixed list, each of which must have a caption;
+    ``max_new_tokens`` (the generation setting, e.g. 64 or 512) is recorded in the result. Returns the overall
+    metrics plus ``per_caption`` details (mentions, hallucinated ``(surface, category)`` pairs, ground truth).
+    """
+    if image_ids is not None:
+        wanted = [image_id_key(i) for i in image_ids]
+        by_id = {image_id_key(c["image_id"]): c for c in captions}
+        missing = [i for i in wanted if i not in by_id]
+        if missing:
+            raise KeyError(f"{len(missing)} listed images have no caption, e.g. {missing[:5]}")
+        captions = [by_id[i] for i in wanted]
+    if not captions:
+        raise ValueError("CHAIR needs at least one caption")
+
+    totals = {"hallucinated_captions": 0, "mentions": 0, "hallucinated_mentions": 0, "words": 0}
+    recalled = gt_total = 0
+    per_caption = []
+    for record in captions:
+        key = image_id_key(record["image_id"])
+        if key not in ground_truth:
+            raise KeyError(f"image {record['image_id']!r} has no CHAIR ground truth")
+        truth = set(ground_truth[key])
+        found = extract_objects(record["caption"], vocabulary)
+        hallucinated = [(word, category) for _, word, category in found.mentions if category not in truth]
+        mentioned_true = {category for category in found.categories if category in truth}
+        totals["hallucinated_captions"] += bool(hallucinated)
+        totals["mentions"] += len(found.mentions)
+        totals["hallucinated_mentions"] += len(hallucinated)
+        totals["words"] += len(found.words)
+        recalled += len(mentioned_true)
+        gt_total += len(truth)
+        per_caption.append(
+            {
+                "image_id": record["image_id"],
+                "caption": record["caption"],
+                "mentioned": found.categories,
+                "hallucinated": hallucinated,
+                # character ranges of the hallucinated words in the caption (to mark them, e.g. in red)
+                "hallucinated_spans": [found.spans[i] for i, _, c in found.mentions if c not in truth],
+                "ground_truth": sorted(truth),
+                "words": found.words,
+            }
+        )
+    n = len(captions)
+    return {
+        "chair_s": totals["hallucinated_captions"] / n,
+        "chair_i": totals["hallucinated_mentions"] / totals["mentions"] if totals["mentions"] else 0.0,
+        "recall": recalled / gt_total if gt_total else 0.0,
+        "avg_len": totals["words"] / n,
+        "n_captions": n,
+        "n_mentions": totals["mentions"],
+        "n_hallucinated_mentions": totals["hallucinated_mentions"],
+        "max_new_tokens": max_new_tokens,
+        "per_caption": per_caption,
+    }

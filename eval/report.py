@@ -1,0 +1,105 @@
+"""Evaluation reports: a JSON summary, the full details, and PNG plots drawn by `eval.plots`.
+
+Files written into the output folder for a run named NAME (`pope`, `chair_64tok`, `captions`, `vqa`):
+`NAME_summary.json` (headline numbers, settings, errors), `NAME_details.json` (per caption / image / question
+results) and the plots: `pope_metrics.png`, `pope_yes_ratio.png`; `chair_vs_length.png` (every CHAIR run found
+in the folder, e.g. the 64- and 512-token regimes side by side) and `NAME_examples.png` (images with their
+captions, hallucinated objects in red).
+"""
+
+import json
+from pathlib import Path
+
+from . import plots
+from .runner import normalise_settings
+
+DETAIL_FIELDS = ("per_caption", "per_image", "per_question")
+CHAIR_HEADLINE = ("chair_s", "chair_i", "recall", "avg_len", "n_captions")
+POPE_HEADLINE = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+NUM_EXAMPLES = 6
+
+
+def _without_details(result: dict) -> dict:
+    return {key: value for key, value in result.items() if key not in DETAIL_FIELDS}
+
+
+def headline(task: str, result: dict) -> dict:
+    """The few numbers to print and compare for a task."""
+    if task == "pope":
+        rows = {**result["splits"], "average": result["average"]}
+        return {name: {key: round(row[key], 4) for key in POPE_HEADLINE} for name, row in rows.items()}
+    if task == "chair":
+        return {key: result[key] for key in CHAIR_HEADLINE}
+    if task == "captions":
+        return result["metrics"]
+    return {"accuracy": result["accuracy"], "n": result["n"]}
+
+
+def count_errors(task: str, result: dict) -> int:
+    if task == "pope":
+        return sum(split["n_errors"] for split in result["splits"].values())
+    return result["n_errors"]
+
+
+def _example_captions(result: dict, images: dict) -> list[dict]:
+    """Up to NUM_EXAMPLES captions with their images, those with hallucinations first."""
+    entries = result.get("per_caption")
+    if entries is None:  # COCO caption metrics: plain captions
+        captions = json.loads(Path(result["results_file"]).read_text()) if result.get("results_file") else []
+        entries = captions
+    entries = [entry for entry in entries if entry["image_id"] in images]
+    entries = sorted(entries, key=lambda entry: not entry.get("hallucinated"))[:NUM_EXAMPLES]
+    return [{"image": images[entry["image_id"]], "caption": entry["caption"], "title": f"image {entry['image_id']}",
+             "hallucinated_spans": entry.get("hallucinated_spans", [])} for entry in entries]
+
+
+def _chair_runs(out_dir: Path) -> dict:
+    """Every CHAIR run in the folder, by label ("64 tokens", "512 tokens")."""
+    runs = {}
+    for path in sorted(out_dir.glob("chair_*tok_details.json"), key=lambda p: int(p.name.split("_")[1][:-3])):
+        runs[path.name.split("_")[1].replace("tok", " tokens")] = json.loads(path.read_text())
+    return runs
+
+
+def draw_plots(task: str, name: str, result: dict, out_dir: Path, images: dict) -> list[str]:
+    """The task's plots (PNG) in `out_dir`; returns their file names."""
+    drawn = []
+    if task == "pope":
+        plots.plot_pope_metrics(result, out_dir / "pope_metrics.png")
+        plots.plot_pope_yes_ratio(result, out_dir / "pope_yes_ratio.png")
+        drawn += ["pope_metrics.png", "pope_yes_ratio.png"]
+    if task == "chair":
+        plots.plot_chair_vs_length(_chair_runs(out_dir), out_dir / "chair_vs_length.png")
+        drawn.append("chair_vs_length.png")
+    if task in ("chair", "captions"):
+        examples = _example_captions(result, images)
+        if examples:
+            plots.plot_caption_examples(examples, out_dir / f"{name}_examples.png")
+            drawn.append(f"{name}_examples.png")
+    return drawn
+
+
+def write_report(out_dir, task: str, result: dict, model_name: str, generation_kwargs: dict,
+                 images: dict | None = None, name: str | None = None) -> dict:
+    """Write `NAME_details.json`, the plots and `NAME_summary.json`; returns the summary.
+
+    `result` is what the `eval.tasks` runner returned (for POPE: `{"convention", "splits", "average", ...}`
+    with one `run_pope` result per split); `images` maps image ids to image paths for the example plots."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    name = name or task
+    details_file = out_dir / f"{name}_details.json"
+    details_file.write_text(json.dumps(normalise_settings(result), indent=1, ensure_ascii=False), encoding="utf-8")
+    summary = {
+        "task": task,
+        "model": model_name,
+        "generation": normalise_settings(generation_kwargs),
+        "headline": headline(task, result),
+        "n_errors": count_errors(task, result),
+        "result": normalise_settings(_without_details(result)),
+        "details_file": str(details_file),
+        "plots": draw_plots(task, name, result, out_dir, images or {}),
+    }
+    summary["summary_file"] = str(out_dir / f"{name}_summary.json")
+    Path(summary["summary_file"]).write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    return summary

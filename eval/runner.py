@@ -1,0 +1,167 @@
+"""The resumable evaluation runner: answers go to a JSON Lines file as they are produced.
+
+Each batch's records are appended and flushed (and fsync-ed) at once, so a killed run loses at most the batch
+in flight; a re-run reads the file, skips the requests already answered and carries on. A truncated last line
+(the process died mid-write) is dropped, and error records (e.g. an unreadable image) are dropped too so that
+they are tried again: the file ends up with every request exactly once.
+
+The settings that produced the answers (model, prompt, decoding settings, mitigation) are kept in a sidecar
+JSON, `<answers file>.settings.json`, so the answers file itself keeps the plain format that the official
+scripts read (e.g. POPE's `question_id` + `answer`). A re-run with other settings refuses to mix answers
+unless told to overwrite.
+"""
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+from data.images import DEFAULT_MAX_PIXELS
+
+from .inference import Request, generate_answers
+
+SETTINGS_SUFFIX = ".settings.json"
+
+
+class SettingsMismatchError(ValueError):
+    """An answers file produced with other settings than the current run's."""
+
+
+def _jsonable(value):
+    """A JSON form of settings values that are not plain JSON (a mitigation config, a torch dtype...)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {"type": type(value).__name__, **dataclasses.asdict(value)}
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def normalise_settings(settings: dict) -> dict:
+    """Settings as they read back from JSON (tuples become lists, objects their JSON form)."""
+    return json.loads(json.dumps(settings, default=_jsonable, sort_keys=True))
+
+
+def model_description(model, name: str | None = None) -> dict:
+    """What identifies a model in the settings: its folder (or `name`) and the config fields that change answers."""
+    config = getattr(model, "config", None)
+    description = {"name": name or getattr(model, "name_or_path", "") or type(model).__name__}
+    for key in ("attention_mode", "vision", "connector", "vision_feature_layer"):
+        if hasattr(config, key):
+            description[key] = getattr(config, key)
+    return description
+
+
+class AnswerStore:
+    """A JSON Lines answers file keyed by `key_field`, with its settings in a sidecar JSON.
+
+    Args:
+        path: the answers file (created with its parent folder when missing).
+        key_field: the record field that identifies a request (e.g. "question_id", "image_id").
+        settings: the run's settings; they must equal the stored ones unless `overwrite`.
+        overwrite: delete previous answers (and their settings) instead of resuming.
+    """
+
+    def __init__(self, path, key_field: str, settings: dict, overwrite: bool = False):
+        self.path = Path(path)
+        self.settings_path = self.path.with_name(self.path.name + SETTINGS_SUFFIX)
+        self.key_field = key_field
+        self.settings = normalise_settings(settings)
+        if overwrite:
+            self.path.unlink(missing_ok=True)
+            self.settings_path.unlink(missing_ok=True)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
+        self.records = self._load()
+
+    def _check_settings(self):
+        if self.settings_path.is_file():
+            stored = json.loads(self.settings_path.read_text(encoding="utf-8"))
+            if stored != self.settings:
+                changed = sorted(key for key in stored.keys() | self.settings.keys()
+                                 if stored.get(key) != self.settings.get(key))
+                details = "; ".join(f"{key}: stored {stored.get(key)!r}, now {self.settings.get(key)!r}"
+                                    for key in changed)
+                raise SettingsMismatchError(
+                    f"{self.path} holds answers made with other settings ({details}); refusing to mix them: "
+                    "use another output folder or --overwrite (overwrite=True) to start over"
+                )
+        elif self.path.is_file() and self.path.stat().st_size:
+            raise SettingsMismatchError(
+                f"{self.path} has answers but no {self.settings_path.name}: their settings are unknown; "
+                "use --overwrite (overwrite=True) to start over"
+            )
+        else:
+            self.settings_path.write_text(json.dumps(self.settings, indent=1, sort_keys=True), encoding="utf-8")
+
+    def _load(self) -> dict:
+        """Answered records by key; rewrites the file without a truncated last line or error records."""
+        if not self.path.is_file():
+            return {}
+        raw = self.path.read_bytes()
+        lines = raw.split(b"\n")
+        complete, tail = lines[:-1], lines[-1]  # `tail` is a line cut short by a kill ("" after a final newline)
+        records, dirty = {}, bool(tail.strip())
+        for number, line in enumerate(complete, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{self.path}:{number}: invalid JSON ({error.msg}); fix or delete that line") from None
+            key = record.get(self.key_field)
+            if key is None:
+                raise ValueError(f"{self.path}:{number}: record has no {self.key_field!r} field")
+            if "error" in record:
+                dirty = True  # retried on this run
+                continue
+            if key in records:
+                raise ValueError(f"{self.path}:{number}: {self.key_field}={key!r} is answered twice "
+                                 "(were two runs writing to the same file?)")
+            records[key] = record
+        if dirty:
+            temporary = self.path.with_name(self.path.name + ".tmp")
+            temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()),
+                                 encoding="utf-8")
+            os.replace(temporary, self.path)
+        return records
+
+    def append(self, records: list[dict]):
+        """Append records (one write, flushed and synced to disk); error records are written but not kept as done."""
+        if not records:
+            return
+        text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+        with open(self.path, "a", encoding="utf-8") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        for record in records:
+            if "error" not in record:
+                self.records[record[self.key_field]] = record
+
+
+def run_requests(model, processor, requests: list[Request], answers_path, key_field: str, settings: dict,
+                 generation_kwargs: dict | None = None, batch_size: int = 8, overwrite: bool = False,
+                 progress: bool = False, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> list[dict]:
+    """Answer the requests not yet in `answers_path` and return one record per request, in request order.
+
+    Records are `{**request.record, "answer"}` or, for requests that failed this time, `{..., "error"}`.
+    `settings` (with `generation_kwargs` added) is what the answers file must have been made with.
+    """
+    generation_kwargs = dict(generation_kwargs or {})
+    keys = [request.record[key_field] for request in requests]
+    if len(set(keys)) != len(keys):
+        duplicate = next(key for key in keys if keys.count(key) > 1)
+        raise ValueError(f"{key_field}={duplicate!r} appears more than once among the requests")
+    store = AnswerStore(answers_path, key_field, {**settings, "generation": generation_kwargs}, overwrite)
+    pending = [request for request in requests if request.record[key_field] not in store.records]
+    failed = {}
+    for results in generate_answers(model, processor, pending, generation_kwargs, batch_size, max_pixels,
+                                    progress=progress):
+        store.append(results)
+        failed.update({record[key_field]: record for record in results if "error" in record})
+    return [store.records.get(key) or failed[key] for key in keys]
+
+
+def split_errors(records: list[dict]) -> tuple[list[dict], list[dict]]:
+    """`(answered, errors)` from a list of result records."""
+    return [r for r in records if "error" not in r], [r for r in records if "error" in r]

@@ -1,0 +1,36 @@
+"""Every backbone the suite offers builds through timm without a head and runs a small forward pass."""
+
+import importlib
+
+import pytest
+import timm
+import torch
+
+# name -> (module that registers it, or None for timm's own, constructor kwargs for a small input, input side)
+BACKBONES = {
+    "vit_tiny_patch16_224": (None, dict(img_size=64), 64),
+    "davit_tiny": (None, {}, 64),
+    "lookupvit_tiny_patch16_224": ("vision_backbones.lookupvit", dict(img_size=64), 64),
+    "biformer_tiny": ("vision_backbones.biformer", {}, 64),
+    "vim_tiny_patch16_224": ("vision_backbones.vim", dict(img_size=64), 64),
+    "vig_tiny_patch16_224": ("vision_backbones.vig", dict(img_size=64), 64),
+}
+
+
+@pytest.mark.parametrize("name", list(BACKBONES))
+def test_backbone_builds_headless_and_runs(name):
+    module, kwargs, side = BACKBONES[name]
+    if module is not None:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            pytest.skip(f"{module} is not importable yet ({error})")
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=0, **kwargs).eval()
+    assert model.pretrained_cfg and model.pretrained_cfg.get("input_size"), f"{name} has no pretrained_cfg"
+    with torch.no_grad():
+        pooled = model(torch.randn(1, 3, side, side))
+        features = model.forward_features(torch.randn(1, 3, side, side))
+    assert pooled.shape == (1, model.num_features)
+    assert torch.isfinite(pooled).all()
+    assert features.ndim in (3, 4)

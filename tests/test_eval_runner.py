@@ -1,0 +1,249 @@
+"""The resumable evaluation runner: a killed or crashed run resumes to the same answers and metrics as an
+uninterrupted one, settings are never mixed, failed inputs are retried; end to end on synthetic scenes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from data.images import load_image
+from data.scenes import SceneConfig, generate_scenes
+from eval.chair import evaluate_chair
+from eval.inference import load_model
+from eval.pope import evaluate_pope
+from eval.report import write_report
+from eval.runner import SettingsMismatchError
+from eval.sources import scenes_chair, scenes_pope
+from eval.tasks import run_chair, run_pope
+from eval.vqa import vqa_accuracy
+from vlm.cli import main
+from vlm.testing import tiny_vlm
+
+REPO = Path(__file__).resolve().parents[1]
+GENERATION = {"max_new_tokens": 4, "do_sample": False}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A saved tiny model and a small scenes folder (test split only, two POPE questions per image)."""
+    root = tmp_path_factory.mktemp("eval")
+    model, processor = tiny_vlm(seed=11)
+    model.save_pretrained(root / "model")
+    processor.save_pretrained(root / "model")
+    config = SceneConfig(image_size=32, splits={"test": 1.0}, pope_per_image=1, captions_per_image=2)
+    generate_scenes(root / "scenes", num_images=6, seed=3, config=config)
+    return root
+
+
+@pytest.fixture(scope="module")
+def loaded(setup):
+    return load_model(setup / "model", device="cpu", dtype="float32")
+
+
+@pytest.fixture(scope="module")
+def pope_random(setup):
+    splits, image_root = scenes_pope(setup / "scenes", "test")
+    return splits["random"], image_root
+
+
+def generate_one(model, processor, image, prompt, max_new_tokens):
+    inputs = processor(images=[image], text=[f"<image>\n{prompt}"])
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    return processor.batch_decode(out[:, inputs["input_ids"].shape[1]:])[0]
+
+
+def read_answers(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+def public(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if k not in ("answers_file", "errors")}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(setup, loaded, pope_random, tmp_path_factory):
+    """POPE metrics and answers of one uninterrupted batched run."""
+    questions, image_root = pope_random
+    path = tmp_path_factory.mktemp("full") / "answers.jsonl"
+    metrics = run_pope(*loaded, questions, image_root, path, batch_size=4, generation_kwargs=GENERATION)
+    return metrics, read_answers(path)
+
+
+class CountingGenerate:
+    """Wraps `model.generate`: counts calls, optionally raises on call number `fail_at`."""
+
+    def __init__(self, model, fail_at=None):
+        self.model, self.original, self.fail_at, self.calls = model, model.generate, fail_at, 0
+
+    def __call__(self, **kwargs):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise RuntimeError("injected failure")
+        return self.original(**kwargs)
+
+
+@pytest.fixture
+def counting(loaded, monkeypatch):
+    def install(fail_at=None):
+        counter = CountingGenerate(loaded[0], fail_at)
+        monkeypatch.setattr(loaded[0], "generate", counter)
+        return counter
+    return install
+
+
+def test_pope_equals_sequential_reference(loaded, pope_random, uninterrupted):
+    model, processor = loaded
+    questions, image_root = pope_random
+    metrics, records = uninterrupted
+    reference = {q["question_id"]: generate_one(model, processor, load_image(image_root / q["image"]), q["text"], 4)
+                 for q in questions}
+    assert {r["question_id"]: r["answer"] for r in records} == reference
+    assert len(set(reference.values())) > 1  # answers differ, so a question/answer mix-up would show
+    assert public(metrics) == {**evaluate_pope(questions, reference), "n_errors": 0}
+    assert [r["label"] for r in records] == [q["label"] for q in questions]
+
+
+def test_resume_after_sigkill(setup, loaded, pope_random, uninterrupted, tmp_path, counting):
+    questions, image_root = pope_random
+    answers = tmp_path / "answers.jsonl"
+    script = tmp_path / "slow_run.py"
+    script.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        import torch
+        torch.set_num_threads(1)
+        from eval.inference import load_model
+        from eval.sources import scenes_pope
+        from eval.tasks import run_pope
+        model, processor = load_model({str(setup / "model")!r}, device="cpu", dtype="float32")
+        original = model.generate
+        def slow_generate(**kwargs):
+            time.sleep(0.5)
+            return original(**kwargs)
+        model.generate = slow_generate
+        splits, image_root = scenes_pope({str(setup / "scenes")!r}, "test")
+        run_pope(model, processor, splits["random"], image_root, {str(answers)!r}, batch_size=2,
+                 generation_kwargs={GENERATION!r})
+    """))
+    process = subprocess.Popen([sys.executable, str(script)], cwd=REPO)
+    deadline = time.time() + 60
+    while time.time() < deadline and process.poll() is None:
+        if answers.is_file() and answers.read_text().count("\n") >= 2:
+            break
+        time.sleep(0.05)
+    assert process.poll() is None, "the run finished (or failed) before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    done = answers.read_text().count("\n")
+    assert 2 <= done < len(questions)
+
+    counter = counting()
+    metrics = run_pope(*loaded, questions, image_root, answers, batch_size=2, generation_kwargs=GENERATION)
+    records = read_answers(answers)
+    assert sorted(r["question_id"] for r in records) == sorted(q["question_id"] for q in questions)
+    assert counter.calls == -(-(len(questions) - done) // 2)  # only what was missing is generated
+    assert public(metrics) == public(uninterrupted[0])
+    assert {r["question_id"]: r["answer"] for r in records} == {r["question_id"]: r["answer"] for r in uninterrupted[1]}
+
+
+def test_crash_after_two_batches_and_truncated_line_then_resume(loaded, pope_random, uninterrupted, tmp_path,
+                                                                counting):
+    questions, image_root = pope_random
+    answers = tmp_path / "answers.jsonl"
+    counting(fail_at=3)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        run_pope(*loaded, questions, image_root, answers, batch_size=2, generation_kwargs=GENERATION)
+    assert len(read_answers(answers)) == 4
+    with open(answers, "a") as handle:  # a line cut short by a kill during the write
+        handle.write('{"question_id": %d, "ans' % questions[4]["question_id"])
+    counter = counting()
+    metrics = run_pope(*loaded, questions, image_root, answers, batch_size=2, generation_kwargs=GENERATION)
+    assert counter.calls == -(-(len(questions) - 4) // 2)
+    assert [r["question_id"] for r in read_answers(answers)] == [q["question_id"] for q in questions]
+    assert public(metrics) == public(uninterrupted[0])
+
+
+def test_other_settings_are_refused_unless_overwrite(loaded, pope_random, tmp_path):
+    questions, image_root = pope_random
+    answers = tmp_path / "answers.jsonl"
+    run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs=GENERATION)
+    with pytest.raises(SettingsMismatchError, match="max_new_tokens.*overwrite"):
+        run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs={**GENERATION, "max_new_tokens": 3})
+    with pytest.raises(SettingsMismatchError, match="prompt"):
+        run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs=GENERATION, prompt_suffix=" Yes/no?")
+    metrics = run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs={**GENERATION, "max_new_tokens": 3},
+                       overwrite=True)
+    assert metrics["n"] == 2 and len(read_answers(answers)) == 2
+    assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["generation"]["max_new_tokens"] == 3
+
+
+def test_unreadable_image_is_reported_then_retried(setup, loaded, pope_random, uninterrupted, tmp_path, counting):
+    questions, image_root = pope_random
+    broken_root = tmp_path / "images"
+    broken_root.mkdir()
+    for path in image_root.iterdir():
+        (broken_root / path.name).write_bytes(path.read_bytes())
+    victim = questions[0]["image"]
+    (broken_root / victim).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    answers = tmp_path / "answers.jsonl"
+    metrics = run_pope(*loaded, questions, broken_root, answers, batch_size=4, generation_kwargs=GENERATION)
+    affected = [q["question_id"] for q in questions if q["image"] == victim]
+    assert metrics["n_errors"] == len(affected) and metrics["n"] == len(questions) - len(affected)
+    assert victim in metrics["errors"][0]["error"]
+
+    (broken_root / victim).write_bytes((image_root / victim).read_bytes())
+    counter = counting()
+    metrics = run_pope(*loaded, questions, broken_root, answers, batch_size=4, generation_kwargs=GENERATION)
+    assert counter.calls == 1 and metrics["n_errors"] == 0
+    assert sorted(r["question_id"] for r in read_answers(answers)) == sorted(q["question_id"] for q in questions)
+    assert public(metrics) == public(uninterrupted[0])
+
+
+def test_chair_equals_sequential_reference_and_report(setup, loaded, tmp_path):
+    model, processor = loaded
+    images, ground_truth, vocabulary = scenes_chair(setup / "scenes", "test")
+    prompt = "Describe the image."
+    generation = {"max_new_tokens": 8, "do_sample": False}
+    metrics = run_chair(model, processor, images, ground_truth, vocabulary, tmp_path / "chair_8tok.answers.jsonl",
+                        prompt=prompt, batch_size=4, generation_kwargs=generation)
+    captions = [{"image_id": image_id, "caption": generate_one(model, processor, load_image(path), prompt, 8)}
+                for image_id, path in images]
+    assert public(metrics) == {**evaluate_chair(captions, ground_truth, vocabulary, max_new_tokens=8), "n_errors": 0}
+
+    summary = write_report(tmp_path, "chair", metrics, "tiny", generation, dict(images), name="chair_8tok")
+    assert summary["headline"]["chair_s"] == metrics["chair_s"] and summary["n_errors"] == 0
+    assert json.loads((tmp_path / "chair_8tok_summary.json").read_text())["headline"] == summary["headline"]
+    for name in ("chair_vs_length.png", "chair_8tok_examples.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_cli_pope_vqa_and_refused_settings(setup, tmp_path, capsys):
+    base = ["eval", "pope", "--model", str(setup / "model"), "--scenes", str(setup / "scenes"), "--out", str(tmp_path),
+            "--limit", "3", "--max-new-tokens", "3", "--no-progress"]
+    assert main(base) == 0
+    summary = json.loads((tmp_path / "pope_summary.json").read_text())
+    assert set(summary["headline"]) == {"random", "popular", "adversarial", "average"}
+    for split in ("random", "popular", "adversarial"):
+        assert len(read_answers(tmp_path / f"pope_{split}.answers.jsonl")) == 3
+    assert (tmp_path / "pope_metrics.png").is_file() and (tmp_path / "pope_yes_ratio.png").is_file()
+    capsys.readouterr()
+    assert main(base[:-2] + ["4", "--no-progress"]) == 2
+    assert "refusing to mix" in capsys.readouterr().err
+
+    assert main(["eval", "vqa", "--model", str(setup / "model"), "--scenes", str(setup / "scenes"), "--out",
+                 str(tmp_path), "--limit", "4", "--max-new-tokens", "3", "--no-progress"]) == 0
+    records = read_answers(tmp_path / "vqa.answers.jsonl")
+    from eval.sources import scenes_vqa
+
+    references = {q["question_id"]: q["answers"] for q in scenes_vqa(setup / "scenes", "test")}
+    expected = vqa_accuracy([r["answer"] for r in records], [references[r["question_id"]] for r in records])
+    assert json.loads((tmp_path / "vqa_summary.json").read_text())["headline"] == \
+        {"accuracy": expected["accuracy"], "n": 4}

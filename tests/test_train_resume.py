@@ -1,0 +1,72 @@
+"""Exact resume: a run killed with SIGKILL and resumed ends with the weights of an uninterrupted run; and
+a run under `accelerate launch` with 2 processes matches 1 process with the same global batch."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from train.checkpoint import latest_checkpoint, list_checkpoints
+from train_helpers import DEMO_RECIPE, REPO, final_weights, make_scenes, save_tiny_model, tiny_overrides
+
+STEPS = 16
+
+
+@pytest.fixture(scope="module")
+def scenes(tmp_path_factory):
+    return make_scenes(tmp_path_factory.mktemp("scenes"))
+
+
+def command(out_dir, scenes, *extra, launcher=(sys.executable, "-m", "train.finetune")):
+    overrides = tiny_overrides(out_dir, scenes, max_steps=STEPS, **{"checkpoint.save_every": STEPS // 2,
+                                                                  "checkpoint.keep_last": 3, "optim.lr": 3e-3})
+    return [*launcher, "--config", str(DEMO_RECIPE), *overrides, *extra]
+
+
+def run_env():
+    # one thread: deterministic and fast for tiny models; never a GPU
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+
+
+def max_difference(a, b):
+    assert a.keys() == b.keys()
+    return max((a[name] - b[name]).abs().max().item() for name in a)
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, scenes):
+    subprocess.run(command(tmp_path / "full", scenes), check=True, cwd=REPO, env=run_env(), capture_output=True)
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(command(killed, scenes), cwd=REPO, env=run_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while latest_checkpoint(killed / "checkpoints") is None and process.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL, "the run ended before it could be killed"
+    assert [p.name for p in list_checkpoints(killed / "checkpoints")] == [f"ckpt-{STEPS // 2:06d}"]
+    assert not (killed / "final").exists()
+
+    subprocess.run(command(killed, scenes, "--resume"), check=True, cwd=REPO, env=run_env(), capture_output=True)
+    assert max_difference(final_weights(killed / "final"), final_weights(tmp_path / "full" / "final")) < 1e-6
+    rows = (killed / "metrics.jsonl").read_text().splitlines()
+    assert len(rows) == STEPS  # the killed run's extra rows were dropped on resume
+
+
+@pytest.mark.slow
+def test_two_processes_match_one(tmp_path, scenes):
+    base = save_tiny_model(tmp_path / "base")
+    settings = ["model.init_from=" + str(base), "model.text_config=null", "stage.name=full"]
+    one = command(tmp_path / "one", scenes, *settings, "batch_size=8")
+    subprocess.run(one, check=True, cwd=REPO, env=run_env(), capture_output=True)
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.finetune")
+    two = command(tmp_path / "two", scenes, *settings, "batch_size=4", launcher=launcher)
+    result = subprocess.run(two, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    a, b = final_weights(tmp_path / "one" / "final"), final_weights(tmp_path / "two" / "final")
+    assert max_difference(a, b) < 1e-4
+    assert max_difference(a, final_weights(base)) > 1e-3  # both trained

@@ -1,0 +1,71 @@
+"""The training data mix: datasets from `data/` built from a recipe's `data.sources`."""
+
+from itertools import islice
+from pathlib import Path
+
+from torch.utils.data import Subset
+
+from .config import DataConfig, DataSource
+
+# How many samples per dataset a from-scratch tokenizer is trained on.
+TOKENIZER_SAMPLES = 5000
+
+
+def _require(source: DataSource, index: int, *names):
+    for name in names:
+        if getattr(source, name) is None:
+            raise ValueError(f"data.sources.{index} (kind {source.kind}) needs '{name}'")
+
+
+def build_dataset(source: DataSource, index: int = 0):
+    """The map-style dataset (of contract sample dicts) for one source."""
+    if source.kind == "scenes":
+        from data.llava import LlavaConversationDataset
+
+        _require(source, index, "path")
+        root = Path(source.path)
+        annotations = root / f"conversations_{source.split}.json"
+        if not annotations.is_file():
+            raise FileNotFoundError(f"data.sources.{index}: {annotations} is missing: generate the scenes with "
+                                    f"`vlm data scenes --out {root}`")
+        dataset = LlavaConversationDataset(annotations, root / "images" / source.split, **source.options)
+    elif source.kind == "easyvqa":
+        from data.easyvqa import EasyVQADataset
+
+        dataset = EasyVQADataset(source.split, **source.options)
+    elif source.kind == "llava":
+        from data.llava import LlavaConversationDataset
+
+        _require(source, index, "path", "image_root")
+        dataset = LlavaConversationDataset(source.path, source.image_root, **source.options)
+    elif source.kind == "coco":
+        from data.coco import CocoCaptionsDataset
+
+        _require(source, index, "path", "image_root")
+        dataset = CocoCaptionsDataset(source.path, source.image_root, **source.options)
+    else:
+        raise ValueError(f"data.sources.{index}: unknown kind {source.kind!r}")
+    if source.limit is not None:
+        dataset = Subset(dataset, range(min(source.limit, len(dataset))))
+    if len(dataset) == 0:
+        raise ValueError(f"data.sources.{index} ({source.kind} {source.path or source.split}) has no samples")
+    return dataset
+
+
+def build_datasets(data: DataConfig) -> list:
+    return [build_dataset(source, index) for index, source in enumerate(data.sources)]
+
+
+def conversation_texts(datasets, per_dataset: int = TOKENIZER_SAMPLES):
+    """The message texts of (up to `per_dataset`) samples of each dataset, for training a tokenizer."""
+    for dataset in datasets:
+        for sample in islice((dataset[i] for i in range(len(dataset))), per_dataset):
+            for message in sample["messages"]:
+                yield message["content"]
+
+
+def make_collate(processor, max_length: int | None):
+    """Batches with answer-only labels; over-long samples are cut from the end (see `data.collate`)."""
+    from data.collate import VLMCollator
+
+    return VLMCollator(processor, max_length=max_length)

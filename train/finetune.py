@@ -1,0 +1,298 @@
+"""Fine-tune a `VisionLanguageModel` with accelerate: stages, LoRA, checkpoints and exact resume.
+
+    accelerate launch -m train.finetune --config train/configs/demo_tiny.yaml [key=value ...]
+    accelerate launch --num_processes 2 --cpu -m train.finetune --config ... [--resume]
+    vlm train --config ... [key=value ...]                 # the same code in one process
+    train.finetune.train(load_config(path))              # from Python; returns out_dir/final
+
+The loss of an optimizer step is the mean over all answer tokens of its global batch (every process and
+every accumulated micro-batch), so 1 process x batch 8, 2 processes x batch 4 and batch 4 x 2
+accumulation steps compute the same update.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
+from .config import TrainConfig, load_config, save_config
+from .data import build_datasets, conversation_texts, make_collate
+from .lora import has_lora, merge_lora, save_adapter
+from .metrics import MetricsLogger, plot_loss_curve
+from .modelbuild import build_model, build_tokenizer
+from .sampler import ResumableBatchSampler
+from .schedule import build_scheduler
+from .stages import apply_stage, parameter_groups, set_train_mode
+
+IGNORE_INDEX = -100
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss became NaN or infinite: training stops instead of corrupting the weights."""
+
+
+def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed next-token cross-entropy over the labelled positions (float32)."""
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = labels[:, 1:].to(logits.device)
+    return F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def count_label_tokens(labels: torch.Tensor) -> int:
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def resolve_precision(precision: str) -> str:
+    """accelerate's `mixed_precision` for the recipe's `precision` ("auto": bf16 on a GPU that has it)."""
+    if precision == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return "no" if precision == "fp32" else precision
+
+
+def _check_sharding(accelerator, config: TrainConfig):
+    """LoRA merging needs whole parameters on the main process: refuse set-ups that shard them."""
+    kind = accelerator.distributed_type.value
+    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == "DEEPSPEED" else 0
+    if config.stage.name == "finetune" and config.stage.lora and (kind == "FSDP" or zero_stage == 3):
+        raise ValueError(
+            "LoRA training shards no large optimizer state: use plain DDP or DeepSpeed ZeRO-2 for it "
+            "(train/configs/accelerate/deepspeed_zero2.yaml); ZeRO-3 / FSDP are for stage full"
+        )
+
+
+def _prepare_out_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
+    out_dir = Path(config.out_dir)
+    checkpoints = out_dir / "checkpoints"
+    resume_from = None
+    if accelerator.is_main_process:
+        remove_unfinished(checkpoints)
+    accelerator.wait_for_everyone()
+    existing = latest_checkpoint(checkpoints)
+    if config.resume:
+        resume_from = existing
+        if resume_from is None and accelerator.is_main_process:
+            print(f"resume: no checkpoint in {checkpoints}, starting from step 0", file=sys.stderr)
+    elif existing is not None:
+        raise FileExistsError(
+            f"{checkpoints} already holds checkpoints (newest {existing.name}): pass resume=true (--resume) to "
+            "continue that run, or choose another out_dir"
+        )
+    return out_dir, resume_from
+
+
+def _run_tokenizer(config: TrainConfig, out_dir: Path, datasets, accelerator):
+    """The run's tokenizer, saved once in `out_dir/tokenizer` by the main process (a resumed run and the
+    other processes read it back, so a trained vocabulary never changes mid-run)."""
+    from transformers import AutoTokenizer
+
+    if config.model.init_from is not None:
+        return None
+    folder = out_dir / "tokenizer"
+    if accelerator.is_main_process and not (folder / "tokenizer_config.json").is_file():
+        tokenizer = build_tokenizer(config.model, lambda: conversation_texts(datasets))
+        tmp = out_dir / "tokenizer.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)
+    accelerator.wait_for_everyone()
+    return AutoTokenizer.from_pretrained(folder)
+
+
+def _save_base(model, processor, out_dir: Path, accelerator) -> Path:
+    """The model a LoRA run starts from, saved once as `out_dir/base` (the adapter applies on top of it)."""
+    base = out_dir / "base"
+    if accelerator.is_main_process and not (base / "config.json").is_file():
+        tmp = out_dir / "base.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+        os.replace(tmp, base)
+    accelerator.wait_for_everyone()
+    return base
+
+
+def _save_final(model, processor, config: TrainConfig, out_dir: Path, base_dir: Path | None) -> Path:
+    """Adapter (when LoRA) and the merged, plain `save_pretrained` model + processor in `out_dir/final`."""
+    if has_lora(model):
+        adapter_dir = out_dir / "adapter"
+        save_adapter(model, adapter_dir)
+        (adapter_dir / "base_model.json").write_text(json.dumps({"base_model_dir": str(base_dir)}))
+        merge_lora(model)
+    final = out_dir / "final"
+    tmp = out_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    save_config(config, tmp / "train_config.yaml")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def train(config: TrainConfig, datasets=None) -> Path:
+    """Run the recipe `config` (in this process, or in each process of `accelerate launch`); returns the
+    folder of the final model (`out_dir/final`), loadable with `VisionLanguageModel.from_pretrained`.
+
+    `datasets` (optional): map-style datasets of sample dicts used instead of `config.data.sources`
+    (one per source, for the weights; or any list, each weighted 1.0)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config.validate()
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
+                              gradient_accumulation_steps=config.grad_accum)
+    _check_sharding(accelerator, config)
+    out_dir, resume_from = _prepare_out_dir(config, accelerator)
+    set_seed(config.seed)
+
+    if datasets is None:
+        datasets = build_datasets(config.data)
+    weights = [s.weight for s in config.data.sources] if len(config.data.sources) == len(datasets) \
+        else [1.0] * len(datasets)
+    tokenizer = _run_tokenizer(config, out_dir, datasets, accelerator)
+
+    # Built identically (same seed) by every process and on resume; the checkpoint's fingerprint checks it.
+    set_seed(config.seed)
+    model, processor = build_model(config.model, tokenizer)
+    base_dir = Path(config.model.init_from) if config.model.init_from else None
+    if config.stage.name == "finetune" and config.stage.lora and base_dir is None:
+        base_dir = _save_base(model, processor, out_dir, accelerator)
+    apply_stage(model, config.stage, config.lora)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim), lr=config.optim.lr,
+                                  betas=tuple(config.optim.betas), eps=config.optim.eps)
+    # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
+    scheduler = build_scheduler(optimizer, config.schedule, config.max_steps)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    fingerprint = frozen_fingerprint(unwrapped)
+
+    step, consumed_batches = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
+        step, consumed_batches = state["step"], state["consumed_batches"]
+        if state["global_batch_size"] != config.batch_size * accelerator.num_processes:
+            raise ValueError(
+                f"{resume_from} was written with a global batch of {state['global_batch_size']} samples; this run has "
+                f"{config.batch_size * accelerator.num_processes}: keep batch_size x processes unchanged to resume"
+            )
+    if accelerator.is_main_process:
+        save_config(config, out_dir / "config.yaml")
+
+    sampler = ResumableBatchSampler(
+        [len(d) for d in datasets], weights, config.batch_size * accelerator.num_processes, config.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, start_batch=consumed_batches,
+    )
+    max_length = config.data.max_length or processor.max_length
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler,
+        collate_fn=make_collate(processor, max_length), num_workers=config.data.num_workers,
+    )
+    batches = iter(loader)
+    logger = MetricsLogger(out_dir, config, accelerator.is_main_process, start_step=step)
+    config_yaml = (out_dir / "config.yaml").read_text() if accelerator.is_main_process else ""
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+
+    set_train_mode(unwrapped)
+    while step < config.max_steps:
+        started = time.perf_counter()
+        micro_batches = [next(batches) for _ in range(config.grad_accum)]
+        consumed_batches += config.grad_accum
+        local_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
+        global_tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
+        if global_tokens == 0:
+            raise ValueError(f"step {step + 1}: the batch has no answer token to learn from (check the data's labels)")
+        loss_total = torch.zeros((), device=accelerator.device)
+        grad_norm = None
+        for batch in micro_batches:
+            with accelerator.accumulate(model):
+                labels = batch.pop("labels")
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                outputs = model(**batch)
+                loss_sum = token_loss_sum(outputs.logits, labels)
+                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss_sum)), device=accelerator.device), "sum")
+                if bad.item():
+                    raise NonFiniteLossError(
+                        f"the loss is not finite at step {step + 1} (NaN or inf): stopping. Lower the learning rate, "
+                        "check the data, or train in float32 (precision=fp32)"
+                    )
+                # DDP averages gradients over processes and accelerate divides by grad_accum: undo both so the
+                # gradient is that of the mean over the global batch's answer tokens.
+                scale = accelerator.num_processes * config.grad_accum / global_tokens
+                accelerator.backward(loss_sum * scale)
+                loss_total += loss_sum.detach()
+                if accelerator.sync_gradients and config.optim.max_grad_norm:
+                    grad_norm = accelerator.clip_grad_norm_(trainable_params, config.optim.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        lrs = scheduler.get_last_lr()
+        scheduler.step()
+        step += 1
+        loss = accelerator.reduce(loss_total, "sum").item() / global_tokens
+        print("DEBUG", accelerator.process_index, accelerator.num_processes, local_tokens, global_tokens, loss_total.item(), [b["input_ids"].shape for b in micro_batches], file=sys.stderr)
+        samples = config.batch_size * accelerator.num_processes * config.grad_accum
+        logger.log(step, loss=loss, lr=lrs[0], lrs=dict(zip([g["name"] for g in optimizer.param_groups], lrs)),
+                   grad_norm=None if grad_norm is None else float(grad_norm), tokens=global_tokens,
+                   samples=samples, seconds=time.perf_counter() - started,
+                   epoch=sampler.epoch_of(consumed_batches - 1))
+        every = config.checkpoint.save_every
+        if every and (step % every == 0 or step == config.max_steps):
+            trainer_state = {"step": step, "consumed_batches": consumed_batches,
+                             "global_batch_size": config.batch_size * accelerator.num_processes,
+                             "num_processes": accelerator.num_processes, "frozen_fingerprint": fingerprint}
+            save_checkpoint(out_dir / "checkpoints", step, accelerator, model, optimizer, scheduler, trainer_state,
+                            config_yaml, config.checkpoint.keep_last)
+    logger.close()
+
+    final = out_dir / "final"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        final = _save_final(unwrapped, processor, config, out_dir, base_dir)
+        if config.logging.plot:
+            plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return final
+
+
+def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(parser)
+    args = parser.parse_args(argv)
+    return config_from_args(args), args
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True, help="recipe YAML (train/configs/*.yaml)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
+
+
+def config_from_args(args) -> TrainConfig:
+    config = load_config(args.config, args.overrides)
+    if args.resume:
+        config.resume = True
+    return config
+
+
+def main(argv=None):
+    config, _ = parse_args(argv)
+    final = train(config)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"final model: {final}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Decode-time hallucination mitigation, switched on per `generate` call:
+
+    model.generate(**inputs, mitigation=["vhr"], max_new_tokens=64)
+    model.generate(**inputs, mitigation={"pai": {"alpha": 0.2}, "vcd": {"alpha": 1.0}})
+    model.generate(**inputs, mitigation=parse_mitigation_arg("vhr,pai:alpha=0.2"))
+
+Methods (see docs/mitigation.md): `vhr` (head reinforcement, `heads.py`), `pai`, `paint`, `var` (attention
+edits through a registered attention function, `attention.py`), `vcd`, `icd`, `lqcd` (contrastive decoding
+with a second cached branch, `contrastive.py`); statistics saved with a model in `calibration.py`.
+"""
+
+from .calibration import (STATS_FILE, calibrate_mitigation_stats, load_mitigation_stats, model_mitigation_stats,
+                          save_mitigation_stats)
+from .generation import mitigated_generate
+from .spec import METHOD_DEFAULTS, default_layers, parse_mitigation_arg, resolve_mitigation
+
+__all__ = [
+    "METHOD_DEFAULTS", "STATS_FILE", "calibrate_mitigation_stats", "default_layers", "load_mitigation_stats",
+    "mitigated_generate", "model_mitigation_stats", "parse_mitigation_arg", "resolve_mitigation",
+    "save_mitigation_stats",
+]

@@ -1,0 +1,262 @@
+"""Attention edits (PAI, PAINT, VAR) through a registered attention function.
+
+`ATTENTION_NAME` is registered with transformers' `AttentionInterface` together with the SDPA mask
+builder in `AttentionMaskInterface`, so the decoder (and `vlm.masks.build_attention_mask` for the
+non-causal modes) hands it a boolean mask (True = attend) or None for plain causal. Layers without edits
+run SDPA unchanged; the target layers compute attention explicitly so they can edit the scores before
+the softmax (PAI, PAINT) or the probabilities after it (VAR).
+
+`AttentionEdits` is the context manager that switches the LLM to this function, marks the target layers,
+records per input sequence (one per KV cache) where the image keys, the PAINT token groups and the VAR
+sinks are at prefill, and restores the original attention implementation on exit.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import sdpa_mask
+
+from ..roles import TokenRole
+from .model_parts import (attention_module, cached_length, decoder_layers, forward_arguments, image_positions,
+                          num_heads, pad_keys)
+from .paint import select_paint_tokens
+
+ATTENTION_NAME = "vlm_mitigation"
+EDITS_ATTRIBUTE = "_mitigation_edits"
+
+
+# ------------------------------------------------------------------ the edits themselves
+def boost_image_logits(scores: torch.Tensor, key_margins: torch.Tensor) -> torch.Tensor:
+    """PAI/PAINT: on the last query row, score += margin * |score| for every key (margin 0 off the image).
+
+    scores: (B, H, Q, K) pre-softmax logits (before the mask is added); key_margins: (B, H or 1, K).
+    """
+    last = scores[:, :, -1, :]
+    return torch.cat([scores[:, :, :-1, :], (last + key_margins * last.abs()).unsqueeze(2)], dim=2)
+
+
+def redistribute_sink_attention(probs, image_keys, sink_keys, query_rows, p: float, summ: float, rho: float):
+    """VAR: move attention from sink tokens to the non-sink image tokens in image-centric rows.
+
+    probs: (B, H, Q, K) post-softmax; image_keys, sink_keys: (B, K) bool; query_rows: (B, Q) bool (the
+    rows that may be edited). A (head, query) row is image-centric when its image attention is >= summ
+    and the visual-sink share of it is <= rho. In such rows each sink's attention is multiplied by p
+    (p is the *kept* fraction, as in `seilk/VisAttnSink`) and the removed (1 - p) * sink mass goes to
+    the non-sink image tokens in proportion to their attention, so every row keeps its total mass.
+    """
+    image = image_keys[:, None, None, :].to(probs.dtype)
+    sink = sink_keys[:, None, None, :].to(probs.dtype)
+    image_mass = (probs * image).sum(-1)
+    visual_sink_mass = (probs * image * sink).sum(-1)
+    non_sink_image = probs * image * (1 - sink)
+    non_sink_mass = non_sink_image.sum(-1)
+    sink_mass = (probs * sink).sum(-1)
+    selected = (
+        (image_mass >= summ) & (visual_sink_mass <= rho * image_mass) & (non_sink_mass > 0) & (sink_mass > 0)
+        & query_rows[:, None, :]
+    )
+    budget = (1 - p) * sink_mass
+    edited = probs * (1 - (1 - p) * sink) + (budget / non_sink_mass.clamp_min(1e-12))[..., None] * non_sink_image
+    return torch.where(selected[..., None], edited, probs)
+
+
+def sink_tokens(hidden_states: torch.Tensor, sink_dims, tau: float, eps: float = 1e-6) -> torch.Tensor:
+    """VAR's visual-sink test: max over the massive-activation dims of |RMSNorm(x)| (no weight) > tau."""
+    normed = hidden_states.float() * torch.rsqrt(hidden_states.float().pow(2).mean(-1, keepdim=True) + eps)
+    return normed[..., list(sink_dims)].abs().amax(-1) > tau
+
+
+# ------------------------------------------------------------------ per-sequence records
+@dataclass
+class SequenceRecord:
+    """What an input sequence's prefill showed, per key position (B, L0); decode steps pad with False."""
+
+    image_keys: torch.Tensor
+    query_rows: torch.Tensor  # rows VAR may edit at prefill: text after the last image token
+    local_keys: torch.Tensor | None = None  # PAINT
+    summary_keys: torch.Tensor | None = None
+    padding: torch.Tensor | None = None
+    sinks: dict = field(default_factory=dict)  # VAR: layer -> (B, L0) bool
+    is_prefill: bool = True
+
+
+def _rows_after_images(image: torch.Tensor, roles: torch.Tensor | None) -> torch.Tensor:
+    positions = torch.arange(image.shape[1], device=image.device).expand_as(image)
+    last_image = torch.where(image, positions, torch.full_like(positions, -1)).amax(1, keepdim=True)
+    rows = positions > last_image
+    return rows if roles is None else rows & (roles != TokenRole.PADDING)
+
+
+# ------------------------------------------------------------------ the registered attention function
+def mitigation_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """SDPA for untouched layers; explicit attention with the layer's edits where `AttentionEdits` put some."""
+    edits = getattr(module, EDITS_ATTRIBUTE, None)
+    if edits is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    return edits.attend(module, query, key, value, attention_mask, scaling)
+
+
+AttentionInterface.register(ATTENTION_NAME, mitigation_attention)
+AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+
+
+def _mask_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """Apply what the SDPA mask builder gave: a bool mask, an additive float one, or None for causal."""
+    minimum = torch.finfo(scores.dtype).min
+    if attention_mask is None:
+        queries, keys = scores.shape[-2:]
+        if queries == 1:
+            return scores
+        allowed = torch.ones(queries, keys, dtype=torch.bool, device=scores.device).tril(keys - queries)
+        return scores.masked_fill(~allowed, minimum)
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, scores, torch.tensor(minimum, dtype=scores.dtype, device=scores.device))
+    return scores + attention_mask
+
+
+class LayerEdits:
+    """The edits of one decoder layer; `attend` is eager attention with them applied."""
+
+    def __init__(self, owner: "AttentionEdits", layer_index: int, boost: dict | None, var: dict | None,
+                 head_scale: torch.Tensor | None = None):
+        self.owner, self.layer_index, self.boost, self.var, self.head_scale = owner, layer_index, boost, var, head_scale
+
+    def key_margins(self, record: SequenceRecord, length: int) -> torch.Tensor:
+        """(B, H or 1, K) PAI/PAINT margins per key."""
+        if record.local_keys is None:  # PAI: one margin for every image token
+            margins = self.boost["alpha"] * pad_keys(record.image_keys, length).float()
+        else:
+            margins = (self.boost["alpha"] * pad_keys(record.local_keys, length).float()
+                       + self.boost["beta"] * pad_keys(record.summary_keys, length).float())
+        margins = margins[:, None, :]
+        if self.head_scale is not None:
+            margins = margins * self.head_scale[None, :, None].to(margins.device)
+        return margins
+
+    def attend(self, module, query, key, value, attention_mask, scaling):
+        record = self.owner.current
+        key = repeat_kv(key, module.num_key_value_groups)
+        value = repeat_kv(value, module.num_key_value_groups)
+        length = key.shape[2]
+        scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+        if self.boost is not None:
+            scores = boost_image_logits(scores, self.key_margins(record, length).to(scores.dtype))
+        scores = _mask_scores(scores, attention_mask)
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if self.var is not None:
+            sinks = record.sinks.get(self.layer_index)
+            if sinks is not None:
+                rows = record.query_rows[:, -query.shape[2]:] if record.is_prefill else \
+                    torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
+                probs = redistribute_sink_attention(
+                    probs, pad_keys(record.image_keys, length), pad_keys(sinks, length), rows,
+                    self.var["p"], self.var["summ"], self.var["rho"],
+                )
+        output = torch.matmul(probs, value).transpose(1, 2).contiguous()
+        return output, probs
+
+
+class AttentionEdits:
+    """Context manager: PAI/PAINT (`boost`, one of them) and/or VAR (`var`) on their layers of `model`.
+
+    `var["sink_dims"]` must hold the LLM's massive-activation dimensions; `head_scale` (num_layers, H)
+    optionally scales PAINT's margins per head (head-specific modulation).
+    """
+
+    def __init__(self, model, boost: dict | None = None, boost_kind: str = "pai", var: dict | None = None,
+                 head_scale: torch.Tensor | None = None):
+        self.model, self.boost, self.boost_kind, self.var, self.head_scale = model, boost, boost_kind, var, head_scale
+        self.records: dict[int, SequenceRecord] = {}
+        self.current: SequenceRecord | None = None
+        self._hooks, self._edited, self._original = [], [], None
+
+    def __enter__(self):
+        language_model = self.model.language_model
+        self._original = language_model.config._attn_implementation
+        try:
+            layers = decoder_layers(self.model)
+            boost_layers = set(self.boost["layers"]) if self.boost else set()
+            var_layers = set(self.var["layers"]) if self.var else set()
+            for index in sorted(boost_layers | var_layers):
+                attention = attention_module(layers[index])
+                scale = self.head_scale[index] if self.head_scale is not None and index in boost_layers else None
+                setattr(attention, EDITS_ATTRIBUTE, LayerEdits(
+                    self, index, self.boost if index in boost_layers else None,
+                    self.var if index in var_layers else None, scale))
+                self._edited.append(attention)
+                if index in var_layers:
+                    self._hooks.append(layers[index].register_forward_pre_hook(
+                        self._sink_detector(index), with_kwargs=True))
+            self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
+            language_model.set_attn_implementation(ATTENTION_NAME)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self._hooks:
+            hook.remove()
+        for attention in self._edited:
+            if hasattr(attention, EDITS_ATTRIBUTE):
+                delattr(attention, EDITS_ATTRIBUTE)
+        self._hooks, self._edited, self.records, self.current = [], [], {}, None
+        if self._original is not None and self.model.language_model.config._attn_implementation != self._original:
+            self.model.language_model.set_attn_implementation(self._original)
+        return False
+
+    def _on_model_forward(self, module, args, kwargs):
+        """Find (at prefill) or recall (at decode steps) the record of the sequence this forward belongs to."""
+        inputs = forward_arguments(args, kwargs)
+        cache = inputs["cache"]
+        if cached_length(cache) == 0:
+            record = self._prefill_record(inputs)
+            if cache is not None:
+                self.records[id(cache)] = record
+        else:
+            record = self.records.get(id(cache))
+            if record is None:
+                raise RuntimeError("a decode step came with a KV cache filled outside this mitigated generate call")
+            record.is_prefill = False
+        self.current = record
+
+    def _prefill_record(self, inputs) -> SequenceRecord:
+        roles = inputs["mm_token_type_ids"]
+        image = image_positions(self.model, inputs["input_ids"], roles)
+        record = SequenceRecord(image_keys=image, query_rows=_rows_after_images(image, roles),
+                                padding=None if roles is None else roles == TokenRole.PADDING)
+        if self.boost_kind == "paint" and self.boost is not None and inputs["pixel_values"] is not None:
+            local, summary = select_paint_tokens(self.model, inputs["pixel_values"], self.boost["local_ratio"])
+            placeholders = inputs["input_ids"] == self.model.config.image_token_id
+            record.local_keys = torch.zeros_like(placeholders).masked_scatter(placeholders, local.flatten()) & image
+            record.summary_keys = torch.zeros_like(placeholders).masked_scatter(placeholders, summary.flatten()) & image
+        elif self.boost_kind == "paint":
+            record.local_keys = record.summary_keys = torch.zeros_like(image)
+        return record
+
+    def _sink_detector(self, layer_index):
+        def detect(module, args, kwargs):
+            record = self.current
+            if record is None or not record.is_prefill:
+                return
+            hidden = args[0] if args else kwargs["hidden_states"]
+            sinks = sink_tokens(hidden, self.var["sink_dims"], self.var["tau"])
+            if record.padding is not None:
+                sinks &= ~record.padding
+            record.sinks[layer_index] = sinks
+        return detect
+
+
+def head_scale_from_sensitivity(sensitivity: torch.Tensor) -> torch.Tensor:
+    """(num_layers, H) visual sensitivity -> per-head margin multipliers with mean 1 in every layer."""
+    return sensitivity / sensitivity.mean(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def check_head_count(model, sensitivity: torch.Tensor):
+    expected = (len(decoder_layers(model)), num_heads(model))
+    if tuple(sensitivity.shape) != expected:
+        raise ValueError(f"visual_sensitivity statistics have shape {tuple(sensitivity.shape)}, but this model has "
+                         f"{expected[0]} layers x {expected[1]} heads: recalibrate (vlm.mitigation.calibration)")

@@ -1,0 +1,142 @@
+"""Contrastive decoding: VCD, ICD, LQCD and PAI's text-only guidance, through one second branch.
+
+Every method contrasts the next-token logits l of the real input with the logits l' of a degraded one:
+    l_cd = (1 + alpha) * l - alpha * l',
+keeping only tokens that pass the adaptive plausibility constraint p(y) >= beta * max_w p(w) of the real
+input (on logits: l_y >= log(beta) + max l), the rest get -inf. The degraded inputs:
+- VCD: the image with forward-diffusion noise (step 500 of a 1000-step sigmoid beta schedule);
+- ICD: the instruction disturbed by a system prompt ("You are a confused object detector.");
+- LQCD: the real input is the neutral query, the contrast is the leading query the caller gives;
+- PAI/PAINT `cfg=gamma`: the prompt without its image; gamma (log p_c - log p_u) + log p_u is the same
+  template with alpha = gamma - 1 (the log-softmax normalisers are constant per step and cancel).
+
+`ContrastBranch` is a `LogitsProcessor` with its own KV cache: at the first step it prefills the
+contrast input once, then it feeds only the token `generate` just chose, so each step costs one
+extra single-token forward.
+"""
+
+import math
+
+import torch
+from transformers import DynamicCache, LogitsProcessor
+
+from ..roles import TokenRole
+
+INPUT_NAMES = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values")
+
+
+def contrastive_logits(logits: torch.Tensor, contrast: torch.Tensor, alpha: float, beta: float) -> torch.Tensor:
+    """(1 + alpha) l - alpha l', with -inf outside the plausibility set {y : l_y >= log(beta) + max l}."""
+    implausible = logits < logits.max(dim=-1, keepdim=True).values + math.log(beta)
+    combined = (1 + alpha) * logits - alpha * contrast
+    return combined.masked_fill(implausible, float("-inf"))
+
+
+def diffusion_noise(pixel_values: torch.Tensor, step: int = 500, num_steps: int = 1000, seed: int = 0) -> torch.Tensor:
+    """VCD's distorted image: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps on the preprocessed tensor, with
+    betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5 (`DAMO-NLP-SG/VCD: vcd_add_noise.py`)."""
+    if not 0 <= step < num_steps:
+        raise ValueError(f"vcd noise_step={step} must be in [0, {num_steps})")
+    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
+    alpha_bar = torch.cumprod(1 - betas, dim=0)[step]
+    generator = torch.Generator().manual_seed(int(seed))
+    noise = torch.randn(pixel_values.shape, generator=generator).to(pixel_values.device, pixel_values.dtype)
+    return float(alpha_bar.sqrt()) * pixel_values + float((1 - alpha_bar).sqrt()) * noise
+
+
+def _left_pad(rows: list[dict], pad_id: int) -> dict:
+    """Rows of equal-length lists/tensors `input_ids`, `roles` -> left-padded batch tensors."""
+    longest = max(len(row["input_ids"]) for row in rows)
+    ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
+    roles = torch.full((len(rows), longest), int(TokenRole.PADDING), dtype=torch.long)
+    for index, row in enumerate(rows):
+        length = len(row["input_ids"])
+        if length:
+            ids[index, longest - length:] = torch.as_tensor(row["input_ids"])
+            roles[index, longest - length:] = torch.as_tensor(row["roles"])
+    return {"input_ids": ids, "attention_mask": (roles != TokenRole.PADDING).long(), "mm_token_type_ids": roles}
+
+
+def _rows(inputs: dict) -> list[dict]:
+    """The real (unpadded) tokens of each row, with their roles."""
+    ids, mask = inputs["input_ids"], inputs.get("attention_mask")
+    roles = inputs.get("mm_token_type_ids")
+    if roles is None:
+        raise ValueError("contrastive decoding needs the token roles (mm_token_type_ids) from the processor")
+    keep = roles != TokenRole.PADDING if mask is None else mask.bool() & (roles != TokenRole.PADDING)
+    return [{"input_ids": ids[i][keep[i]].tolist(), "roles": roles[i][keep[i]].tolist()} for i in range(len(ids))]
+
+
+def without_image(inputs: dict, pad_id: int) -> dict:
+    """PAI's unconditional input: the same prompt with its image tokens removed (and no pixel values)."""
+    rows = [{"input_ids": [t for t, r in zip(row["input_ids"], row["roles"]) if r != TokenRole.IMAGE],
+             "roles": [r for r in row["roles"] if r != TokenRole.IMAGE]} for row in _rows(inputs)]
+    return _left_pad(rows, pad_id)
+
+
+def with_system_prompt(inputs: dict, processor, text: str) -> dict:
+    """ICD's disturbed instruction: a system turn saying `text` put in front of every prompt."""
+    prefix = processor.tokenizer(processor.template.system.format(content=text), add_special_tokens=False)["input_ids"]
+    rows = [{"input_ids": prefix + row["input_ids"], "roles": [int(TokenRole.SYSTEM)] * len(prefix) + row["roles"]}
+            for row in _rows(inputs)]
+    batch = _left_pad(rows, processor.tokenizer.pad_token_id)
+    if inputs.get("pixel_values") is not None:
+        batch["pixel_values"] = inputs["pixel_values"]
+    return batch
+
+
+def with_noised_image(inputs: dict, step: int, seed: int) -> dict:
+    if inputs.get("pixel_values") is None:
+        raise ValueError("vcd distorts the image, but the input has no pixel_values")
+    return {**{k: inputs.get(k) for k in INPUT_NAMES}, "pixel_values": diffusion_noise(inputs["pixel_values"], step, seed=seed)}
+
+
+def repeat_samples(inputs: dict, times: int, num_image_tokens: int) -> dict:
+    """Each sample `times` times in a row, as `generate` does for beams and return sequences."""
+    repeated = {name: inputs[name].repeat_interleave(times, dim=0)
+                for name in ("input_ids", "attention_mask", "mm_token_type_ids") if inputs.get(name) is not None}
+    if inputs.get("pixel_values") is not None:
+        images_per_sample = (inputs["mm_token_type_ids"] == TokenRole.IMAGE).sum(1) // num_image_tokens
+        sample_of_image = torch.repeat_interleave(torch.arange(len(images_per_sample)), images_per_sample)
+        order = torch.cat([torch.nonzero(sample_of_image == s).flatten()
+                           for s in range(len(images_per_sample)) for _ in range(times)])
+        repeated["pixel_values"] = inputs["pixel_values"][order]
+    return repeated
+
+
+class ContrastBranch(LogitsProcessor):
+    """Replaces the scores by `contrastive_logits(scores, l', alpha, beta)`, l' from `inputs` with its own cache."""
+
+    def __init__(self, model, inputs: dict, alpha: float, beta: float):
+        if not beta > 0:
+            raise ValueError(f"plausibility beta must be > 0, got {beta}")
+        self.model, self.inputs, self.alpha, self.beta = model, inputs, float(alpha), float(beta)
+        self.cache, self.attention_mask, self.length = None, None, None
+
+    @torch.no_grad()
+    def contrast_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The contrast branch's next-token logits after the tokens chosen so far (B, V)."""
+        if self.cache is None:
+            inputs = {k: v for k, v in self.inputs.items() if v is not None}
+            batch = inputs["input_ids"].shape[0]
+            if input_ids.shape[0] != batch:
+                if input_ids.shape[0] % batch:
+                    raise ValueError(f"contrast input has {batch} rows, generate has {input_ids.shape[0]}")
+                inputs = repeat_samples(inputs, input_ids.shape[0] // batch, self.model.num_image_tokens)
+            inputs = {k: v.to(input_ids.device) for k, v in inputs.items()}
+            self.attention_mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+            self.cache = DynamicCache(config=self.model.language_model.config)
+            output = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)
+        else:
+            if input_ids.shape[1] != self.length + 1:
+                raise RuntimeError("the contrast branch expects exactly one new token per step")
+            new = input_ids[:, -1:]
+            self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
+            output = self.model(input_ids=new, attention_mask=self.attention_mask, cache=self.cache, use_cache=True,
+                                mm_token_type_ids=torch.full_like(new, int(TokenRole.ANSWER)), logits_to_keep=1)
+        self.length = input_ids.shape[1]
+        return output.logits[:, -1]
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        contrast = self.contrast_logits(input_ids).to(scores.dtype)
+        return contrastive_logits(scores, contrast, self.alpha, self.beta)

@@ -1,0 +1,97 @@
+"""`generate` with mitigation methods switched on for one call, and everything undone afterwards.
+
+Order of set-up: attention edits (PAI/PAINT/VAR) first, so VHR's head selection pass already sees
+them; then VHR selects its heads and installs its scaling hooks; a contrastive method adds its branch
+as a logits processor. An `ExitStack` removes every hook and restores the attention implementation
+when generation ends, also after an exception.
+"""
+
+from contextlib import ExitStack
+
+from transformers import LogitsProcessorList
+
+from .attention import AttentionEdits, check_head_count, head_scale_from_sensitivity
+from .calibration import model_mitigation_stats
+from .contrastive import (INPUT_NAMES, ContrastBranch, with_noised_image, with_system_prompt, without_image)
+from .heads import HeadReinforcement
+from .model_parts import decoder_layers, image_positions
+from .spec import contrast_branch_users, resolve_mitigation
+
+
+def mitigated_generate(model, mitigation, generate, *args, **kwargs):
+    """Run `generate(**kwargs)` (the model's plain `generate`) with the `mitigation` spec active."""
+    if args:
+        if len(args) > 1 or "input_ids" in kwargs:
+            raise TypeError("with mitigation, pass the inputs as keywords: model.generate(**inputs, mitigation=...)")
+        kwargs["input_ids"] = args[0]
+    methods = resolve_mitigation(mitigation, len(decoder_layers(model)))
+    inputs = {name: kwargs.get(name) for name in INPUT_NAMES}
+    if inputs["input_ids"] is None:
+        raise ValueError("mitigation needs input_ids (generation from inputs_embeds is not supported)")
+    branch_users = contrast_branch_users(methods)
+    num_beams = kwargs.get("num_beams") or model.generation_config.num_beams or 1
+    if branch_users and num_beams > 1:
+        raise ValueError(f"{branch_users[0]} (contrastive decoding) does not support beam search "
+                         f"(num_beams={num_beams}): use greedy or sampling")
+    stats = model_mitigation_stats(model)
+    with ExitStack() as stack:
+        edits = _attention_edits(model, methods, stats)
+        if edits is not None:
+            stack.enter_context(edits)
+        if "vhr" in methods:
+            heads = HeadReinforcement(model, methods["vhr"]["layers"], methods["vhr"]["alpha"])
+            heads.select(inputs, image_positions(model, inputs["input_ids"], inputs["mm_token_type_ids"]))
+            stack.enter_context(heads)
+        if branch_users:
+            branch = _contrast_branch(model, branch_users[0], methods[branch_users[0]], inputs)
+            kwargs["logits_processor"] = LogitsProcessorList([*(kwargs.get("logits_processor") or []), branch])
+        return generate(**kwargs)
+
+
+def _attention_edits(model, methods, stats) -> AttentionEdits | None:
+    kind = "paint" if "paint" in methods else "pai" if "pai" in methods else None
+    var = methods.get("var")
+    if kind is None and var is None:
+        return None
+    head_scale = None
+    if kind == "paint" and methods["paint"]["head_specific"]:
+        if "visual_sensitivity" not in stats:
+            raise ValueError("paint head_specific=True needs the visual_sensitivity statistics: run "
+                             "vlm.mitigation.calibration on the model (or set model.mitigation_stats)")
+        check_head_count(model, stats["visual_sensitivity"])
+        head_scale = head_scale_from_sensitivity(stats["visual_sensitivity"])
+    if var is not None:
+        var = dict(var)
+        if var["sink_dims"] is None:
+            if "sink_dims" not in stats:
+                raise ValueError("var needs the LLM's massive-activation dims: pass {'var': {'sink_dims': [...]}} or "
+                                 "calibrate them (python -m vlm.mitigation.calibration --model DIR --images DIR)")
+            var["sink_dims"] = stats["sink_dims"].tolist()
+        width = model.config.text_config.hidden_size
+        if any(not 0 <= d < width for d in var["sink_dims"]):
+            raise ValueError(f"var sink_dims {var['sink_dims']} out of range for hidden size {width}")
+    return AttentionEdits(model, boost=methods.get(kind) if kind else None, boost_kind=kind or "pai", var=var,
+                          head_scale=head_scale)
+
+
+def _contrast_branch(model, name, options, inputs) -> ContrastBranch:
+    if name == "vcd":
+        contrast = with_noised_image(inputs, options["noise_step"], options["seed"])
+    elif name == "icd":
+        if options["processor"] is None:
+            raise ValueError("icd writes its disturbance with the chat template: pass "
+                             "mitigation={'icd': {'processor': processor}}")
+        contrast = with_system_prompt(inputs, options["processor"], options["disturbance"])
+    elif name == "lqcd":
+        leading = options["leading"]
+        if leading is None or "input_ids" not in leading:
+            raise ValueError("lqcd contrasts the given (neutral) query with a leading one: pass "
+                             "mitigation={'lqcd': {'leading': processor(images=..., text=leading_prompts)}}")
+        if leading["input_ids"].shape[0] != inputs["input_ids"].shape[0]:
+            raise ValueError(f"lqcd: {leading['input_ids'].shape[0]} leading prompts for "
+                             f"{inputs['input_ids'].shape[0]} inputs")
+        contrast = {k: leading.get(k) for k in INPUT_NAMES}
+    else:  # PAI / PAINT text-only guidance: gamma (l_c - l_u) + l_u == (1 + alpha) l_c - alpha l_u, alpha = gamma - 1
+        contrast = without_image(inputs, model.generation_config.pad_token_id or 0)
+        return ContrastBranch(model, contrast, options["cfg"] - 1.0, options["cfg_beta"])
+    return ContrastBranch(model, contrast, options["alpha"], options["beta"])
