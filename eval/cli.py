@@ -2,7 +2,8 @@
 
 Inference prints one line per image (`path<TAB>caption`), or JSON Lines with `--json`; an input that fails
 (missing, corrupt or oversized image, too-long prompt) is reported for that input, the others still complete,
-and the exit code is 1. Evaluations write resumable answers files, a `summary.json` and plots into `--out`.
+and the exit code is 1. Evaluations write resumable answers files, `NAME_summary.json` and plots into `--out`
+(see `eval.report`).
 Fatal problems (no model folder, settings that differ from a previous run's answers) exit with code 2.
 """
 
@@ -20,7 +21,8 @@ CAPTION_PROMPT = "Describe the image."
 
 
 def add_model_arguments(parser):
-    parser.add_argument("--model", required=True, type=Path, help="folder written by save_pretrained (model + processor)")
+    parser.add_argument("--model", required=True, type=Path,
+                        help="folder written by save_pretrained (model + processor)")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a supporting GPU, else float32)")
@@ -29,7 +31,8 @@ def add_model_arguments(parser):
 def add_generation_arguments(parser, max_new_tokens: int):
     group = parser.add_argument_group("decoding")
     group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
-    group.add_argument("--temperature", type=float, default=0.0, help="> 0 samples at this temperature (default: greedy)")
+    group.add_argument("--temperature", type=float, default=0.0,
+                       help="> 0 samples at this temperature (default: greedy)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
     group.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: no beam search)")
     group.add_argument("--seed", type=int, default=0, help="random seed for sampling")

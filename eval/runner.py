@@ -48,6 +48,8 @@ def model_description(model, name: str | None = None) -> dict:
     for key in ("attention_mode", "vision", "connector", "vision_feature_layer"):
         if hasattr(config, key):
             description[key] = getattr(config, key)
+    if hasattr(model, "dtype"):  # bfloat16 and float32 weights decode differently
+        description["dtype"] = str(model.dtype)
     return description
 
 

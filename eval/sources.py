@@ -8,10 +8,10 @@ Each function returns plain lists and dicts that the `eval.tasks` runners take.
 from pathlib import Path
 
 from data.coco import CocoCaptionsDataset
+from data.images import resolve_image_path
 from data.jsonl import read_json, read_json_records
 from data.llava import llava_messages
 from data.pope import POPE_STRATEGIES, image_objects, read_pope_file
-from data.images import resolve_image_path
 
 from .chair import ChairVocabulary, image_id_key, load_chair_ground_truth, load_image_ids
 

@@ -7,14 +7,13 @@ decoding settings (`generation_kwargs` for `model.generate`: `max_new_tokens`, `
 not be answered, e.g. unreadable images, which are left out of the metrics).
 """
 
-from .caption_metrics import evaluate_captions, write_caption_results
+from data.images import resolve_image_path
+
 from .chair import evaluate_chair
 from .inference import Request
 from .pope import evaluate_pope
 from .runner import model_description, run_requests, split_errors
 from .vqa import vqa_accuracy
-
-from data.images import resolve_image_path
 
 CHAIR_PROMPT = "Please describe this image in detail."  # OPERA / VCD / lmms-eval CHAIR setting
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval coco captions
@@ -62,8 +61,9 @@ def caption_images(model, processor, images: list[tuple], answers_path, prompt: 
     """Caption `images` (`(image_id, path or PIL image)` pairs) -> `(captions [{"image_id", "caption"}], errors)`."""
     requests = [Request({"image_id": image_id, **({} if hasattr(image, "mode") else {"file": str(image)})},
                         prompt, [image]) for image_id, image in images]
-    records = run_requests(model, processor, requests, answers_path, "image_id", _settings(task, model, model_name, prompt),
-                           generation_kwargs, batch_size, overwrite, progress)
+    settings = _settings(task, model, model_name, prompt)
+    records = run_requests(model, processor, requests, answers_path, "image_id", settings, generation_kwargs,
+                           batch_size, overwrite, progress)
     answered, errors = split_errors(records)
     return [{"image_id": record["image_id"], "caption": record["answer"]} for record in answered], errors
 
@@ -88,6 +88,8 @@ def run_captions(model, processor, images: list[tuple], references: dict, answer
     """Caption `images` and score them against `references` (`{image_id: [captions]}`) with pycocoevalcap
     (`eval.caption_metrics.evaluate_captions`, needs Java). `results_path` gets the standard
     `[{"image_id", "caption"}]` results file."""
+    from .caption_metrics import evaluate_captions, write_caption_results  # pycocoevalcap: imported when needed
+
     captions, errors = caption_images(model, processor, images, answers_path, prompt, batch_size, generation_kwargs,
                                       overwrite, progress, model_name, task="captions")
     _require_answers(captions, errors, "image")
@@ -104,8 +106,8 @@ def run_vqa(model, processor, questions: list[dict], answers_path, prompt_suffix
             progress: bool = False, model_name: str | None = None) -> dict:
     """Answer VQA questions (`question_id`, `image` path or PIL image, `question`, `answers`: one reference
     string for exact match, or the human answers for VQAv2 soft accuracy) and score them with `eval.vqa`."""
-    requests = [Request({"question_id": q["question_id"], "question": q["question"]}, q["question"] + prompt_suffix,
-                        [q["image"]]) for q in questions]
+    requests = [Request({"question_id": q["question_id"], "question": q["question"], "references": q["answers"]},
+                        q["question"] + prompt_suffix, [q["image"]]) for q in questions]
     settings = _settings("vqa", model, model_name, "<image>\n{question}" + prompt_suffix)
     records = run_requests(model, processor, requests, answers_path, "question_id", settings, generation_kwargs,
                            batch_size, overwrite, progress)

@@ -34,3 +34,19 @@ def test_backbone_builds_headless_and_runs(name):
     assert pooled.shape == (1, model.num_features)
     assert torch.isfinite(pooled).all()
     assert features.ndim in (3, 4)
+
+
+def test_peak_tensor_memory_probe_counts_live_storages():
+    from vision_backbones.bench import PeakTensorMemory
+
+    x = torch.ones(1000)  # created outside the probe: not counted
+    with PeakTensorMemory() as probe:
+        a = x * 2            # +4000 bytes
+        b = a + 1            # +4000 -> 8000 live
+        view = b.view(10, 100)  # a view shares b's storage: not counted again
+        b.add_(1)            # in place: not counted again
+        del a                # -4000
+        c = view * 3         # +4000 -> 8000 live again, peak stays 8000
+        del b, view, c
+    assert probe.peak == 8000
+    assert probe.current == 0

@@ -129,8 +129,8 @@ def test_sampling_is_seeded_and_beam_search_runs(saved, capsys):
     path = str(saved / "images" / "a_red.png")
     base = ["caption", "--model", str(saved / "model"), path, "--json", "--max-new-tokens", "8"]
     outputs = []
-    for seed in ("1", "1", "2"):
-        assert main(base + ["--temperature", "1.5", "--top-p", "0.95", "--seed", seed]) == 0
+    for _ in range(2):
+        assert main(base + ["--temperature", "1.5", "--top-p", "0.95", "--seed", "1"]) == 0
         outputs.append(json.loads(capsys.readouterr().out)["answer"])
     assert outputs[0] == outputs[1]
     assert main(base + ["--num-beams", "3"]) == 0

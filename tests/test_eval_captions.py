@@ -124,7 +124,8 @@ def test_errors():
 def test_file_formats(tmp_path):
     results = tmp_path / "results.json"
     write_caption_results(results, {42: "a dog", 7: "a cat"})
-    assert json.loads(results.read_text()) == [{"image_id": 42, "caption": "a dog"}, {"image_id": 7, "caption": "a cat"}]
+    expected = [{"image_id": 42, "caption": "a dog"}, {"image_id": 7, "caption": "a cat"}]
+    assert json.loads(results.read_text()) == expected
     assert load_caption_results(results) == {42: "a dog", 7: "a cat"}
     results.write_text(json.dumps([{"image_id": 1, "caption": "a"}, {"image_id": 1, "caption": "b"}]))
     with pytest.raises(ValueError, match="repeats image_id 1"):

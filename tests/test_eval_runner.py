@@ -28,6 +28,8 @@ from vlm.testing import tiny_vlm
 
 REPO = Path(__file__).resolve().parents[1]
 GENERATION = {"max_new_tokens": 4, "do_sample": False}
+# untrained tiny models write control characters, which the example plots cannot draw
+pytestmark = pytest.mark.filterwarnings("ignore:Glyph .* missing from font")
 
 
 @pytest.fixture(scope="module")
@@ -179,8 +181,8 @@ def test_other_settings_are_refused_unless_overwrite(loaded, pope_random, tmp_pa
         run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs={**GENERATION, "max_new_tokens": 3})
     with pytest.raises(SettingsMismatchError, match="prompt"):
         run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs=GENERATION, prompt_suffix=" Yes/no?")
-    metrics = run_pope(*loaded, questions[:2], image_root, answers, generation_kwargs={**GENERATION, "max_new_tokens": 3},
-                       overwrite=True)
+    metrics = run_pope(*loaded, questions[:2], image_root, answers,
+                       generation_kwargs={**GENERATION, "max_new_tokens": 3}, overwrite=True)
     assert metrics["n"] == 2 and len(read_answers(answers)) == 2
     assert json.loads((tmp_path / "answers.jsonl.settings.json").read_text())["generation"]["max_new_tokens"] == 3
 
@@ -247,3 +249,52 @@ def test_eval_cli_pope_vqa_and_refused_settings(setup, tmp_path, capsys):
     expected = vqa_accuracy([r["answer"] for r in records], [references[r["question_id"]] for r in records])
     assert json.loads((tmp_path / "vqa_summary.json").read_text())["headline"] == \
         {"accuracy": expected["accuracy"], "n": 4}
+
+
+def test_captions_results_file_and_metric_inputs(setup, loaded, tmp_path, monkeypatch):
+    """The COCO metrics (Java, slow) are tested in their own module; here: what the runner hands them."""
+    import eval.caption_metrics
+    from eval.sources import scenes_captions
+    from eval.tasks import run_captions
+
+    seen = {}
+
+    def spy(references, candidates, spice=None):
+        seen.update(references=references, candidates=candidates)
+        return {"metrics": {"CIDEr": 0.5}, "per_image": {}, "n_images": len(candidates), "notes": []}
+
+    monkeypatch.setattr(eval.caption_metrics, "evaluate_captions", spy)
+    images, references = scenes_captions(setup / "scenes", "test")
+    result = run_captions(*loaded, images, references, tmp_path / "captions.answers.jsonl",
+                          tmp_path / "results.json", generation_kwargs={"max_new_tokens": 5}, batch_size=4)
+    results = json.loads((tmp_path / "results.json").read_text())
+    answered = read_answers(tmp_path / "captions.answers.jsonl")
+    assert results == [{"image_id": r["image_id"], "caption": r["answer"]} for r in answered]
+    assert [r["image_id"] for r in results] == [image_id for image_id, _ in images]
+    assert seen["candidates"] == {r["image_id"]: r["caption"] for r in results}
+    assert seen["references"] == references and all(len(refs) == 2 for refs in references.values())
+    assert result["metrics"] == {"CIDEr": 0.5} and result["n_errors"] == 0
+
+
+def test_eval_cli_chair_on_coco_images(setup, shared_data, tmp_path, capsys):
+    """The COCO path: a fixed image-id list, val2014 file names, the shipped ground truth and synonyms."""
+    from eval.chair import ChairVocabulary
+
+    ids = [60623, 354533, 579664]
+    (tmp_path / "ids.json").write_text(json.dumps(ids))
+    out = tmp_path / "out"
+    code = main(["eval", "chair", "--model", str(setup / "model"), "--out", str(out), "--image-ids",
+                 str(tmp_path / "ids.json"), "--image-root", str(shared_data / "coco_mini"), "--ground-truth",
+                 str(shared_data / "chair" / "coco2014_chair_gt_objects.json.gz"), "--synonyms",
+                 str(shared_data / "chair" / "chair_synonyms.json"), "--max-new-tokens", "6", "--no-progress"])
+    assert code == 0, capsys.readouterr().err
+    records = read_answers(out / "chair_6tok.answers.jsonl")
+    assert [r["image_id"] for r in records] == ids
+    assert records[0]["file"].endswith("COCO_val2014_000000060623.jpg")
+    ground_truth = {"60623": {"bowl", "dining table", "person", "spoon", "wine glass"},  # from the shipped file
+                    "354533": {"motorcycle", "person", "sheep"}, "579664": {"banana", "bowl"}}
+    expected = evaluate_chair([{"image_id": r["image_id"], "caption": r["answer"]} for r in records], ground_truth,
+                              ChairVocabulary.load(shared_data / "chair" / "chair_synonyms.json"), max_new_tokens=6)
+    summary = json.loads((out / "chair_6tok_summary.json").read_text())
+    assert summary["headline"] == {key: expected[key] for key in summary["headline"]}
+    assert summary["generation"] == {"max_new_tokens": 6, "num_beams": 1, "do_sample": False}

@@ -1,6 +1,7 @@
 """Exact resume: a run killed with SIGKILL and resumed ends with the weights of an uninterrupted run; and
 a run under `accelerate launch` with 2 processes matches 1 process with the same global batch."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,9 +11,12 @@ import time
 import pytest
 
 from train.checkpoint import latest_checkpoint, list_checkpoints
-from train_helpers import DEMO_RECIPE, REPO, final_weights, make_scenes, save_tiny_model, tiny_overrides
+from train.config import load_config
+from train.finetune import train
+from train_helpers import DEMO_RECIPE, REPO, final_weights, make_scenes, one_thread, save_tiny_model, tiny_overrides
 
 STEPS = 16
+single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")
@@ -20,10 +24,13 @@ def scenes(tmp_path_factory):
     return make_scenes(tmp_path_factory.mktemp("scenes"))
 
 
+def overrides(out_dir, scenes, *extra):
+    settings = {"max_steps": STEPS, "checkpoint.save_every": STEPS // 2, "checkpoint.keep_last": 3, "optim.lr": 3e-3}
+    return tiny_overrides(out_dir, scenes, **settings) + list(extra)
+
+
 def command(out_dir, scenes, *extra, launcher=(sys.executable, "-m", "train.finetune")):
-    overrides = tiny_overrides(out_dir, scenes, max_steps=STEPS, **{"checkpoint.save_every": STEPS // 2,
-                                                                  "checkpoint.keep_last": 3, "optim.lr": 3e-3})
-    return [*launcher, "--config", str(DEMO_RECIPE), *overrides, *extra]
+    return [*launcher, "--config", str(DEMO_RECIPE), *overrides(out_dir, scenes, *extra)]
 
 
 def run_env():
@@ -36,8 +43,13 @@ def max_difference(a, b):
     return max((a[name] - b[name]).abs().max().item() for name in a)
 
 
+def recipe(out_dir, scenes, *extra):
+    """The same run as `command(...)`, as a config for an in-process `train()`."""
+    return load_config(DEMO_RECIPE, overrides(out_dir, scenes, *extra))
+
+
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, scenes):
-    subprocess.run(command(tmp_path / "full", scenes), check=True, cwd=REPO, env=run_env(), capture_output=True)
+    train(recipe(tmp_path / "full", scenes))  # in this process (one thread, like the subprocesses)
 
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed, scenes), cwd=REPO, env=run_env(),
@@ -60,13 +72,24 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, scenes):
 def test_two_processes_match_one(tmp_path, scenes):
     base = save_tiny_model(tmp_path / "base")
     settings = ["model.init_from=" + str(base), "model.text_config=null", "stage.name=full"]
-    one = command(tmp_path / "one", scenes, *settings, "batch_size=8")
-    subprocess.run(one, check=True, cwd=REPO, env=run_env(), capture_output=True)
-    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+    train(recipe(tmp_path / "one", scenes, *settings, "batch_size=8"))
+    # accelerate's --cpu launcher starts one process without mpirun: CPU processes go through torchrun
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
                 "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "train.finetune")
     two = command(tmp_path / "two", scenes, *settings, "batch_size=4", launcher=launcher)
-    result = subprocess.run(two, cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    env = {**run_env(), "ACCELERATE_USE_CPU": "true"}
+    result = subprocess.run(two, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     a, b = final_weights(tmp_path / "one" / "final"), final_weights(tmp_path / "two" / "final")
-    assert max_difference(a, b) < 1e-4
+    assert max_difference(a, b) < 1e-5
     assert max_difference(a, final_weights(base)) > 1e-3  # both trained
+    logged = [json.loads(line) for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert len(logged) == STEPS  # only the main process logs
+
+
+def test_cpu_launch_without_mpirun_is_refused(tmp_path, scenes, monkeypatch):
+    # what `accelerate launch --cpu --num_processes 2` hands to its single process
+    for name, value in {"ACCELERATE_USE_CPU": "True", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RuntimeError, match="torchrun"):
+        train(recipe(tmp_path / "run", scenes))

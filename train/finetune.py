@@ -1,7 +1,7 @@
 """Fine-tune a `VisionLanguageModel` with accelerate: stages, LoRA, checkpoints and exact resume.
 
     accelerate launch -m train.finetune --config train/configs/demo_tiny.yaml [key=value ...]
-    accelerate launch --num_processes 2 --cpu -m train.finetune --config ... [--resume]
+    ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m train.finetune --config ...  # 2 CPU processes
     vlm train --config ... [key=value ...]                 # the same code in one process
     train.finetune.train(load_config(path))              # from Python; returns out_dir/final
 
@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
-from .config import TrainConfig, load_config, save_config
+from .cli import add_arguments, config_from_args
+from .config import TrainConfig, save_config
 from .data import build_datasets, conversation_texts, make_collate
 from .lora import has_lora, merge_lora, save_adapter
 from .metrics import MetricsLogger, plot_loss_curve
@@ -55,6 +56,22 @@ def resolve_precision(precision: str) -> str:
     if precision == "auto":
         return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
     return "no" if precision == "fp32" else precision
+
+
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+CPU_LAUNCH = "ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N -m train.finetune ..."
+
+
+def _check_cpu_launch():
+    """`accelerate launch --cpu --num_processes N` starts ONE process unless it runs through mpirun (it sets
+    MASTER_ADDR but no world size): refuse instead of silently training on one process."""
+    env = os.environ
+    use_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    if use_cpu and "MASTER_ADDR" in env and not any(name in env for name in WORLD_SIZE_VARIABLES):
+        raise RuntimeError(
+            "accelerate launch --cpu with several processes needs mpirun; without it accelerate starts a single "
+            f"process. Start CPU processes through torchrun instead: {CPU_LAUNCH}"
+        )
 
 
 def _check_sharding(accelerator, config: TrainConfig):
@@ -148,6 +165,7 @@ def train(config: TrainConfig, datasets=None) -> Path:
     from accelerate.utils import set_seed
 
     config.validate()
+    _check_cpu_launch()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
                               gradient_accumulation_steps=config.grad_accum)
     _check_sharding(accelerator, config)
@@ -174,6 +192,9 @@ def train(config: TrainConfig, datasets=None) -> Path:
                                   betas=tuple(config.optim.betas), eps=config.optim.eps)
     # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
     scheduler = build_scheduler(optimizer, config.schedule, config.max_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        # our data loader is not passed to prepare(), so DeepSpeed cannot read the micro-batch size from it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
     fingerprint = frozen_fingerprint(unwrapped)
@@ -240,7 +261,6 @@ def train(config: TrainConfig, datasets=None) -> Path:
         scheduler.step()
         step += 1
         loss = accelerator.reduce(loss_total, "sum").item() / global_tokens
-        print("DEBUG", accelerator.process_index, accelerator.num_processes, local_tokens, global_tokens, loss_total.item(), [b["input_ids"].shape for b in micro_batches], file=sys.stderr)
         samples = config.batch_size * accelerator.num_processes * config.grad_accum
         logger.log(step, loss=loss, lr=lrs[0], lrs=dict(zip([g["name"] for g in optimizer.param_groups], lrs)),
                    grad_norm=None if grad_norm is None else float(grad_norm), tokens=global_tokens,
@@ -266,30 +286,10 @@ def train(config: TrainConfig, datasets=None) -> Path:
     return final
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, argparse.Namespace]:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    return config_from_args(args), args
-
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--config", required=True, help="recipe YAML (train/configs/*.yaml)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
-
-
-def config_from_args(args) -> TrainConfig:
-    config = load_config(args.config, args.overrides)
-    if args.resume:
-        config.resume = True
-    return config
-
-
 def main(argv=None):
-    config, _ = parse_args(argv)
-    final = train(config)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    final = train(config_from_args(parser.parse_args(argv)))
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}")
 

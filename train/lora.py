@@ -40,7 +40,9 @@ def save_adapter(model, folder) -> Path:
     if not has_lora(model):
         raise ValueError("the model has no LoRA adapter to save (train with stage.name=finetune, stage.lora=true)")
     folder = Path(folder)
-    model.language_model.save_pretrained(folder)
+    # The embeddings are frozen (only resized for <image>): the base model holds them, so the adapter
+    # stays small instead of peft copying the whole vocabulary matrix in.
+    model.language_model.save_pretrained(folder, save_embedding_layers=False)
     others = {
         name: param.detach().cpu().contiguous()
         for name, param in model.named_parameters()

@@ -1,5 +1,9 @@
-"""Vision backbones as timm models: importing this package registers LookupViT and BiFormer with timm's registry."""
+"""Vision backbones as timm models.
 
-from . import biformer, lookupvit
+Importing this package registers LookupViT, BiFormer, Vim and ViG with timm's model registry, so that
+`timm.create_model("biformer_tiny")` and friends work. The operators they use live in `vision_backbones.ops`.
+"""
 
-__all__ = ["biformer", "lookupvit"]
+from . import biformer, lookupvit, vig, vim
+
+__all__ = ["biformer", "lookupvit", "vig", "vim"]

@@ -28,6 +28,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from .ops.elementwise import log_sigmoid
 from .ops.gla import bidirectional_gated_linear_attention
 
 __all__ = ["ViG", "ViGAttention", "ViGBlock", "checkpoint_filter_fn"]
@@ -100,7 +101,7 @@ class ViGAttention(nn.Module):
         heads = self.num_heads
         local = self.in_proj(x.transpose(1, 2).reshape(batch, dim, *grid)).flatten(2).transpose(1, 2)
         q, k, v = self.qkv_proj(local).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        gates = F.logsigmoid(self.gk_proj(local)) / self.gate_logit_normalizer
+        gates = log_sigmoid(self.gk_proj(local)) / self.gate_logit_normalizer
         g_forward, g_backward = gates.chunk(2, dim=-1)
 
         def to_heads(t):

@@ -1,65 +1,94 @@
 """Numba-compiled CPU loop for the selective scan (inference only; imported lazily by ``selective_scan``).
 
-One pass per (batch, channel) row walks the sequence once with its ``state`` values held in a small buffer, so
-no (length, dim, state) tensor is allocated. The decays ``exp(delta * A)`` are the bulk of the work; numba has no
-vectorised ``exp`` without Intel SVML, so :func:`scan_kernel` evaluates ``2**x`` itself (exponent bits plus a
-degree-7 polynomial, relative error ~2e-7) in a loop LLVM can vectorise. The kernel is serial on purpose: a
-numba thread pool next to PyTorch's OpenMP pool on the same cores slows both down. Compiled on first use and
-cached on disk.
+One pass per (batch, channel) row: step sizes (bias + softplus), the recurrence with its ``state`` values in a small
+buffer, then the ``D`` skip, so no (length, dim, state) tensor is ever allocated. Numba has no vectorised ``exp``/``log`` without Intel SVML, so :func:`_exp` and
+:func:`_log1p_small` are written out (exponent bits plus polynomials, relative error ~2e-7) in a form LLVM
+vectorises. The kernel is serial on purpose: a numba thread pool next to PyTorch's OpenMP pool on the same cores
+slows both down. Compiled on first use and cached on disk.
 """
 import math
 
 import numba
 import numpy as np
 
-_LOG2E = 1.0 / math.log(2.0)
-_LN2 = math.log(2.0)
+_LOG2E = np.float32(1.0 / math.log(2.0))
+_LN2 = np.float32(math.log(2.0))
+_BLOCK = 128  # tokens per time block
+
+
+@numba.njit(fastmath=True, inline="always")
+def _exp(x):
+    """exp(x) for float32 x, clamped to [2**-126, 2**127]: 2**k times a degree-7 polynomial of the remainder."""
+    t = min(max(x * _LOG2E, np.float32(-126.0)), np.float32(127.0))
+    k = np.floor(t + np.float32(0.5))
+    r = (t - k) * _LN2  # |r| <= ln(2)/2
+    p = np.float32(1.0 / 5040.0)
+    p = p * r + np.float32(1.0 / 720.0)
+    p = p * r + np.float32(1.0 / 120.0)
+    p = p * r + np.float32(1.0 / 24.0)
+    p = p * r + np.float32(1.0 / 6.0)
+    p = p * r + np.float32(0.5)
+    p = p * r + np.float32(1.0)
+    p = p * r + np.float32(1.0)
+    bits = np.int32(np.int32(k) + 127) << 23
+    return p * np.float32(np.int32(bits).view(np.float32))
+
+
+@numba.njit(fastmath=True, inline="always")
+def _log1p_small(e):
+    """log(1 + e) for 0 <= e <= 1 as 2*atanh(s), s = e / (2 + e) <= 1/3 (odd series to s**13)."""
+    s = e / (np.float32(2.0) + e)
+    s2 = s * s
+    p = np.float32(1.0 / 13.0)
+    p = p * s2 + np.float32(1.0 / 11.0)
+    p = p * s2 + np.float32(1.0 / 9.0)
+    p = p * s2 + np.float32(1.0 / 7.0)
+    p = p * s2 + np.float32(1.0 / 5.0)
+    p = p * s2 + np.float32(1.0 / 3.0)
+    p = p * s2 + np.float32(1.0)
+    return np.float32(2.0) * s * p
 
 
 @numba.njit(fastmath=True, cache=True)
-def scan_kernel(u, delta, A, B, C, h_state, y):
-    """Advance the scan over one segment, in place.
+def scan_kernel(u, delta, delta_bias, softplus, A, B, C, D, h_state, y):
+    """Run the selective scan over a whole sequence, in place.
 
     Args:
-        u, delta: (batch, dim, L) float32, delta already through bias and softplus.
-        A: (dim, state) float32 (non-positive). B, C: (batch, groups, L, state) float32.
+        u, delta: (batch, dim, L) float32 (raw delta: ``delta_bias`` and, if ``softplus``, softplus applied here).
+        delta_bias, D: (dim,) float32 (zeros when absent). A: (dim, state) float32, non-positive.
+        B, C: (batch, groups, L, state) float32.
         h_state: (batch, dim, state) float32, the entering state, overwritten with the leaving state.
-        y: (batch, dim, L) float32 output, ``sum_n C * h`` (without the D and z terms).
+        y: (batch, dim, L) float32 output, ``sum_n C * h + D * u`` (the ``silu(z)`` gate is applied by the caller:
+            as a separate vectorised PyTorch op it costs far less than inside this loop).
     """
     batch, dim, length = u.shape
     groups, state = B.shape[1], B.shape[3]
     per_group = dim // groups
-    exponent_bits = np.empty(state, dtype=np.int32)
-    power_of_two = exponent_bits.view(np.float32)
+    step = np.empty(_BLOCK, dtype=np.float32)
     decay = np.empty(state, dtype=np.float32)
-    a2 = np.empty(state, dtype=np.float32)
     for b in range(batch):
-        for d in range(dim):
-            g = d // per_group
-            h = h_state[b, d]
-            for n in range(state):
-                a2[n] = A[d, n] * _LOG2E
-            for t in range(length):
-                step = delta[b, d, t]
-                drive = step * u[b, d, t]
-                for n in range(state):
-                    # exp(step * A) = 2**x with x <= 0; below 2**-126 the decay is zero for all practical purposes.
-                    x = max(step * a2[n], np.float32(-126.0))
-                    k = np.floor(x + np.float32(0.5))
-                    r = (x - k) * np.float32(_LN2)  # |r| <= ln(2)/2
-                    p = np.float32(1.0 / 5040.0)
-                    p = p * r + np.float32(1.0 / 720.0)
-                    p = p * r + np.float32(1.0 / 120.0)
-                    p = p * r + np.float32(1.0 / 24.0)
-                    p = p * r + np.float32(1.0 / 6.0)
-                    p = p * r + np.float32(0.5)
-                    p = p * r + np.float32(1.0)
-                    p = p * r + np.float32(1.0)
-                    exponent_bits[n] = (np.int32(k) + 127) << 23
-                    decay[n] = p * power_of_two[n]
-                acc = np.float32(0.0)
-                for n in range(state):
-                    hn = decay[n] * h[n] + drive * B[b, g, t, n]
-                    h[n] = hn
-                    acc += C[b, g, t, n] * hn
-                y[b, d, t] = acc
+        # Time blocks outermost: the block's B and C rows (shared by all channels of a group) stay in cache while
+        # every channel advances its state through the block.
+        for start in range(0, length, _BLOCK):
+            stop = min(start + _BLOCK, length)
+            for d in range(dim):
+                g = d // per_group
+                # Branches sit outside the loops so that LLVM vectorises each loop.
+                for t in range(start, stop):
+                    step[t - start] = delta[b, d, t] + delta_bias[d]
+                if softplus:
+                    for i in range(stop - start):
+                        x = step[i]
+                        step[i] = max(x, np.float32(0.0)) + _log1p_small(_exp(-abs(x)))
+                h = h_state[b, d]
+                for t in range(start, stop):
+                    dt = step[t - start]
+                    drive = dt * u[b, d, t]
+                    for n in range(state):
+                        decay[n] = _exp(dt * A[d, n])
+                    acc = np.float32(0.0)
+                    for n in range(state):
+                        hn = decay[n] * h[n] + drive * B[b, g, t, n]
+                        h[n] = hn
+                        acc += C[b, g, t, n] * hn
+                    y[b, d, t] = acc + D[d] * u[b, d, t]

@@ -24,7 +24,7 @@ def select_vision_heads(divergence: torch.Tensor, text_activation: torch.Tensor)
         return values > values.mean(1, keepdim=True) + values.std(1, keepdim=True, correction=0)
 
     divergence = divergence.masked_fill(outlying(divergence) & outlying(text_activation), 0.0)
-    return divergence >= divergence.median(dim=1, keepdim=True).values
+    return divergence > divergence.median(dim=1, keepdim=True).values
 
 
 def scale_heads(head_outputs: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:

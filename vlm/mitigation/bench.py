@@ -1,0 +1,189 @@
+"""Measured effect of each mitigation method: POPE (adversarial) and CHAIR on a scenes folder, plus the
+decode-time cost per token against plain greedy decoding.
+
+    python -m vlm.mitigation.bench --model runs/tiny --scenes runs/scenes [--split test] [--out bench.json]
+
+POPE: accuracy, F1 and yes-ratio (`eval.pope`, official parsing). CHAIR: CHAIR_S, CHAIR_I, recall and
+length in words (`eval.chair`) of "Describe the image in detail." captions. Cost: seconds per generated
+token of a single-prompt greedy decode, from the difference of a long (40) and a short (8) forced-length
+run (so prefill work is left out), as a ratio to plain greedy; `e2e` is the ratio for the whole long call
+(prefill included). Methods are timed interleaved and the fastest of several rounds counts.
+LQCD needs a leading query, so it runs on POPE only, with "... I am sure there is one, right?" as the
+leading form of each question. VAR needs sink dimensions: calibrated on the first training images when
+the model folder has no `mitigation_stats.safetensors`.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
+LEADING_SUFFIX = " I am sure there is one, right?"
+CHAIR_PROMPT = "<image>\nDescribe the image in detail."
+
+
+def spec_for(name: str, processor, leading=None):
+    """The `mitigation=` value of a method string of the table (options as in `parse_mitigation_arg`)."""
+    from . import parse_mitigation_arg
+
+    if name == "none":
+        return None
+    spec = parse_mitigation_arg(name)
+    if "icd" in spec:
+        spec["icd"]["processor"] = processor
+    if "lqcd" in spec:
+        spec["lqcd"]["leading"] = leading
+    return spec
+
+
+def generate_texts(model, processor, prompts, images, method, max_new_tokens, batch_size, leading_prompts=None):
+    texts = []
+    for start in range(0, len(prompts), batch_size):
+        batch_images = images[start:start + batch_size]
+        inputs = processor(images=batch_images, text=prompts[start:start + batch_size])
+        leading = None
+        if leading_prompts is not None:
+            leading = processor(images=batch_images, text=leading_prompts[start:start + batch_size])
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                mitigation=spec_for(method, processor, leading))
+        texts += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])
+    return texts
+
+
+def pope_scores(model, processor, questions, image_root, method, batch_size):
+    from data.images import load_image
+    from eval.pope import evaluate_pope
+
+    images = [load_image(Path(image_root) / q["image"]) for q in questions]
+    prompts = ["<image>\n" + q["text"] for q in questions]
+    leading = [p + LEADING_SUFFIX for p in prompts] if "lqcd" in method else None
+    answers = generate_texts(model, processor, prompts, images, method, 4, batch_size, leading)
+    metrics = evaluate_pope(questions, {q["question_id"]: a for q, a in zip(questions, answers)})
+    return {"pope_acc": metrics["accuracy"], "pope_f1": metrics["f1"], "pope_yes": metrics["yes_ratio"]}
+
+
+def chair_scores(model, processor, chair_inputs, method, max_new_tokens, batch_size):
+    from data.images import load_image
+    from eval.chair import evaluate_chair
+
+    image_list, ground_truth, vocabulary = chair_inputs
+    images = [load_image(path) for _, path in image_list]
+    captions = generate_texts(model, processor, [CHAIR_PROMPT] * len(images), images, method, max_new_tokens,
+                              batch_size)
+    metrics = evaluate_chair([{"image_id": i, "caption": c} for (i, _), c in zip(image_list, captions)],
+                             ground_truth, vocabulary)
+    return {"chair_s": metrics["chair_s"], "chair_i": metrics["chair_i"], "recall": metrics["recall"],
+            "length": metrics["avg_len"], "example": captions[0]}
+
+
+def decode_costs(model, processor, image, methods, short=8, long=40, rounds=5) -> dict:
+    """method -> (seconds per decoded token, seconds of the long call): the fastest of `rounds` forced-length
+    runs, with the methods interleaved in every round so that load from other processes hits them alike."""
+    prompt = "<image>\nIs there a circle in the image?"
+    inputs = processor(images=[image], text=[prompt])
+    leading = processor(images=[image], text=[prompt + LEADING_SUFFIX])
+    specs = {method: spec_for(method, processor, leading) for method in methods}
+
+    def timed(method, tokens):
+        start = time.perf_counter()
+        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       mitigation=specs[method])
+        return time.perf_counter() - start
+
+    best = {method: [float("inf"), float("inf")] for method in methods}
+    for _ in range(rounds + 1):  # the first round warms up
+        for method in methods:
+            best[method][0] = min(best[method][0], timed(method, short))
+            best[method][1] = min(best[method][1], timed(method, long))
+    return {method: ((times[1] - times[0]) / (long - short), times[1]) for method, times in best.items()}
+
+
+def ensure_stats(model, processor, scenes, split, num_images=16):
+    from data.images import load_image
+
+    from .calibration import calibrate_mitigation_stats, model_mitigation_stats
+
+    if "sink_dims" in model_mitigation_stats(model):
+        return "loaded"
+    files = sorted((Path(scenes) / "images" / split).iterdir())[:num_images]
+    model.mitigation_stats = calibrate_mitigation_stats(model, processor, [load_image(f) for f in files])
+    return f"calibrated on {len(files)} {split} images"
+
+
+def format_table(rows: list[dict]) -> str:
+    columns = ["method", "pope_acc", "pope_f1", "pope_yes", "chair_s", "chair_i", "recall", "length",
+               "ms_per_token", "cost_per_token", "cost_e2e"]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        cells = []
+        for column in columns:
+            value = row.get(column)
+            cells.append("n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="a saved VisionLanguageModel folder with its processor")
+    parser.add_argument("--scenes", required=True, help="a folder written by `vlm data scenes`")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
+                        help="method strings as for --mitigation (e.g. 'pai:alpha=0.5'); 'none' is plain decoding")
+    parser.add_argument("--pope", type=int, default=300, help="POPE adversarial questions to ask (first N)")
+    parser.add_argument("--chair", type=int, default=100, help="images to caption for CHAIR (first N)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="CHAIR caption length limit")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the fastest counts)")
+    parser.add_argument("--out", help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+
+    from data.images import load_image
+    from eval.sources import scenes_chair, scenes_pope
+
+    from .. import VisionLanguageModel, VLMProcessor
+
+    model = VisionLanguageModel.from_pretrained(args.model).eval()
+    processor = VLMProcessor.from_pretrained(args.model)
+    model.generation_config.eos_token_id = processor.stop_token_id
+    model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
+    print(f"stats: {ensure_stats(model, processor, args.scenes, 'train')}; "
+          f"sink_dims={model.mitigation_stats['sink_dims'].tolist()}", flush=True)
+    pope, image_root = scenes_pope(args.scenes, args.split)
+    questions = pope["adversarial"][:args.pope]
+    chair_images, ground_truth, vocabulary = scenes_chair(args.scenes, args.split)
+    chair_inputs = (chair_images[:args.chair], ground_truth, vocabulary)
+    cost_image = load_image(chair_images[0][1])
+
+    rows = []
+    for method in args.methods:
+        started = time.perf_counter()
+        row = {"method": method}
+        row.update(pope_scores(model, processor, questions, image_root, method, args.batch_size))
+        if "lqcd" not in method:
+            row.update(chair_scores(model, processor, chair_inputs, method, args.max_new_tokens, args.batch_size))
+        row["seconds"] = round(time.perf_counter() - started, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    costs = decode_costs(model, processor, cost_image, ["none", *[m for m in args.methods if m != "none"]],
+                         rounds=args.rounds)
+    plain = costs["none"]
+    for row in rows:
+        per_token, end_to_end = costs[row["method"]]
+        row["ms_per_token"] = 1000 * per_token
+        row["cost_per_token"], row["cost_e2e"] = per_token / plain[0], end_to_end / plain[1]
+    print(format_table(rows))
+    if args.out:
+        Path(args.out).write_text(json.dumps({"model": args.model, "scenes": args.scenes, "split": args.split,
+                                              "pope_questions": len(questions), "chair_images": len(chair_inputs[0]),
+                                              "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
