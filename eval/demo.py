@@ -30,6 +30,7 @@ DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=3
 STEPS_PER_MINUTE = 60  # optimizer steps of the default recipe per minute on 2 CPU cores (measured, see docs)
 TRAIN_SHARE = 0.6  # of the budget; the rest generates data and evaluates
 DETAIL_PROMPT = "Describe the image in detail."  # what the scenes' conversations ask
+PROMPT_METHODS = ("icd", "lqcd")  # mitigation methods that need the processor
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
@@ -72,6 +73,7 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
     """All of step 3 on the scenes' test split; answers are resumable JSON lines under `out_dir/answers`."""
     from vlm import VisionLanguageModel, VLMProcessor
 
+    from .pope import average_over_splits
     from .sources import scenes_captions, scenes_chair, scenes_pope, scenes_vqa
     from .tasks import run_captions, run_chair, run_pope, run_vqa
 
@@ -85,10 +87,11 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
     pope_splits, image_root = scenes_pope(scenes, "test")
     chair_images, chair_truth, vocabulary = scenes_chair(scenes, "test")
     caption_images, references = scenes_captions(scenes, "test")
-    results = {"pope": {}, "mitigation": {}}
+    results = {"pope": {"convention": "official", "splits": {}}, "mitigation": {}}
     for split, questions in pope_splits.items():
-        results["pope"][split] = run_pope(model, processor, questions, image_root, answers / f"pope_{split}.jsonl",
+        results["pope"]["splits"][split] = run_pope(model, processor, questions, image_root, answers / f"pope_{split}.jsonl",
                                           generation_kwargs=greedy, **common)
+    results["pope"]["average"] = average_over_splits(results["pope"]["splits"])
     results["chair"] = run_chair(model, processor, chair_images, chair_truth, vocabulary, answers / "chair.jsonl",
                                  prompt=DETAIL_PROMPT, generation_kwargs=caption_kwargs, **common)
     results["captions"] = run_captions(model, processor, caption_images, references, answers / "captions.jsonl",
@@ -99,7 +102,8 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
                              generation_kwargs=greedy, **common)
     results["speed"] = {"plain": decode_speed(model, processor, chair_images[:batch_size], None)}
     for method in mitigations:
-        kwargs = {"mitigation": [method]}
+        # instruction-level methods rewrite the prompt with the chat template
+        kwargs = {"mitigation": {method: {"processor": processor} if method in PROMPT_METHODS else {}}}
         run = {
             "pope_adversarial": run_pope(model, processor, pope_splits["adversarial"], image_root,
                                          answers / f"pope_adversarial_{method}.jsonl",
@@ -108,9 +112,24 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
                                prompt=DETAIL_PROMPT, generation_kwargs={**caption_kwargs, **kwargs}, **common),
         }
         results["mitigation"][method] = run
-        results["speed"][method] = decode_speed(model, processor, chair_images[:batch_size], [method])
+        results["speed"][method] = decode_speed(model, processor, chair_images[:batch_size], kwargs["mitigation"])
     results["attention"] = attention_picture(model, processor, chair_images[0], vocabulary, out_dir)
     return results
+
+
+def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None:
+    """Measure the head statistics the mitigation methods need on validation images, once, beside the weights."""
+    from data.images import load_image
+    from vlm import VisionLanguageModel, VLMProcessor
+    from vlm.mitigation import STATS_FILE, calibrate_mitigation_stats, save_mitigation_stats
+
+    if (model_dir / STATS_FILE).is_file():
+        return
+    model = VisionLanguageModel.from_pretrained(model_dir).eval()
+    processor = VLMProcessor.from_pretrained(model_dir)
+    images = [load_image(path) for path in sorted((scenes / "images" / "val").iterdir())[:num_images]]
+    stats = calibrate_mitigation_stats(model, processor, images, prompt="<image>\n" + DETAIL_PROMPT)
+    save_mitigation_stats(stats, model_dir)
 
 
 @torch.no_grad()
@@ -159,7 +178,7 @@ def _pct(value) -> str:
 
 def _pope_rows(results: dict) -> list[list[str]]:
     rows = []
-    for split, result in results["pope"].items():
+    for split, result in results["pope"]["splits"].items():
         rows.append([split, _pct(result["accuracy"]), _pct(result["precision"]), _pct(result["recall"]),
                      _pct(result["f1"]), _pct(result["yes_ratio"])])
     return rows
@@ -167,7 +186,7 @@ def _pope_rows(results: dict) -> list[list[str]]:
 
 def _mitigation_rows(results: dict) -> list[list[str]]:
     plain_speed = results["speed"]["plain"]
-    runs = {"none": {"pope_adversarial": results["pope"]["adversarial"], "chair": results["chair"]},
+    runs = {"none": {"pope_adversarial": results["pope"]["splits"]["adversarial"], "chair": results["chair"]},
             **results["mitigation"]}
     rows = []
     for name, run in runs.items():
@@ -188,7 +207,7 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
     """The report as (title, markdown body, image files) sections; both report.md and report.html use them."""
     captions = results["captions"]["metrics"]
     baseline = results["captions"]["baseline"]
-    random_accuracy = results["pope"]["random"]["accuracy"]
+    random_accuracy = results["pope"]["splits"]["random"]["accuracy"]
     summary = (
         f"Trained `{settings['backbone']}` + `mlp2x_gelu` + a {DEMO_TEXT_CONFIG['num_hidden_layers']}-layer Llama-style "
         f"LLM from scratch for {settings['steps']} steps (attention mode `{settings['attention_mode']}`, seed "
@@ -326,6 +345,8 @@ def run_demo(out: Path, backbone: str = DEFAULT_BACKBONE, attention_mode: str = 
         model_dir = train(config)
     train_seconds = time.perf_counter() - train_started
     mitigations = list(METHOD_DEFAULTS) if mitigations is None else mitigations
+    if mitigations:
+        calibrate_heads(model_dir, scenes)
     results = evaluate_model(model_dir, scenes, out, mitigations, progress=progress)
     settings = {"backbone": backbone, "attention_mode": attention_mode, "seed": seed, "steps": steps,
                 "images": num_images, "train_dir": str(train_dir), "model_dir": str(model_dir),
@@ -346,7 +367,7 @@ def compare_all(out: Path, minutes: float, seed: int, num_images: int, progress:
     for backbone, mode in runs:
         result = run_demo(out / f"{backbone}-{mode}", backbone, mode, seed=seed, num_images=num_images, steps=steps,
                           mitigations=[], progress=progress)
-        pope, chair = result["results"]["pope"], result["results"]["chair"]
+        pope, chair = result["results"]["pope"]["splits"], result["results"]["chair"]
         params = sum(p.numel() for p in VisionLanguageModel.from_pretrained(result["settings"]["model_dir"]).parameters())
         rows.append([backbone, mode, _pct(pope["random"]["accuracy"]), _pct(pope["adversarial"]["accuracy"]),
                      _pct(chair["chair_i"]), f"{result['settings']['train_seconds']:.0f}", f"{params / 1e6:.2f}M"])
@@ -364,7 +385,7 @@ def main(args) -> int:
     result = run_demo(Path(args.out), args.backbone, args.attention_mode, args.minutes, args.seed, args.images,
                       args.steps, progress=not args.no_progress)
     report = Path(args.out) / "report.md"
-    pope = result["results"]["pope"]
+    pope = result["results"]["pope"]["splits"]
     print(f"POPE accuracy random/popular/adversarial: " + " / ".join(_pct(pope[s]["accuracy"]) for s in pope))
     print(f"report: {report} (and report.html)")
     return 0

@@ -9,6 +9,15 @@ import torch
 from vision_backbones.lookupvit import BidirectionalCrossAttention, LookupViT, checkpoint_filter_fn
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These tensors are tiny: one thread is as fast, and far faster when other processes share the CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def _tiny_lookupvit(**kwargs) -> LookupViT:
     args = dict(img_size=64, patch_size=16, embed_dim=32, depth=2, num_heads=2, compressed_grid=2, num_classes=5)
     return LookupViT(**dict(args, **kwargs))
@@ -170,3 +179,16 @@ def test_parameter_counts_and_vit_widths(size, vit):
     assert len(model.blocks) == len(reference.blocks)
     assert model.blocks[0].cross_attn.num_heads == reference.blocks[0].attn.num_heads
     assert sum(p.numel() for p in model.parameters()) == _expected_parameters(model.embed_dim)
+
+
+def test_key_layout_is_stable():
+    """The suite defines LookupViT's checkpoint layout (no official one exists): renaming a module breaks it."""
+    keys = set(_tiny_lookupvit(depth=1).state_dict())
+    block = {f"blocks.0.{name}.{p}" for name in (
+        "norm_compressed", "norm_lookup", "cross_attn.q", "cross_attn.kv", "cross_attn.proj", "cross_attn.v_back",
+        "cross_attn.proj_back", "compressed_block.norm1", "compressed_block.attn.qkv", "compressed_block.attn.proj",
+        "compressed_block.norm2", "compressed_block.mlp.fc1", "compressed_block.mlp.fc2", "norm_back",
+        "norm_lookup_mlp", "lookup_mlp.fc1", "lookup_mlp.fc2") for p in ("weight", "bias")}
+    top = {"pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight", "norm.bias",
+           "head.weight", "head.bias"}
+    assert keys == block | top

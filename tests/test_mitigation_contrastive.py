@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from vlm.mitigation.contrastive import (ContrastBranch, contrastive_logits, diffusion_noise, repeat_samples,
-                                        without_image)
+                                        with_leading_suffix, without_image)
 from vlm.roles import TokenRole
 from vlm.testing import tiny_vlm
 
@@ -89,6 +89,20 @@ def test_lqcd_contrasts_the_leading_query(tiny):
     real, lead = full_forward_logits(model, inputs, new_tokens), full_forward_logits(model, leading, new_tokens)
     keep = ~torch.isinf(out.scores[0])
     torch.testing.assert_close(out.scores[0][keep], (2 * real[:, 0] - lead[:, 0])[keep], atol=1e-4, rtol=1e-4)
+
+
+def test_lqcd_builds_the_leading_query_like_the_processor(tiny):
+    model, processor, inputs = tiny
+    suffix = " It is surely a star, right?"
+    built = with_leading_suffix(inputs, processor, suffix)
+    reference = processor(images=IMAGES, text=[p + suffix for p in PROMPTS])
+    for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        assert torch.equal(built[name], reference[name])
+    with_processor = model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                    mitigation={"lqcd": {"processor": processor, "suffix": suffix}})
+    with_leading = model.generate(**inputs, max_new_tokens=3, do_sample=False,
+                                  mitigation={"lqcd": {"leading": reference}})
+    assert torch.equal(with_processor, with_leading)
 
 
 def test_pai_guidance_branch_is_the_text_only_prompt(tiny):

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from vision_backbones.ops import gla as gla_ops
 from vision_backbones.ops import selective_scan as scan_ops
 from vision_backbones.ops.causal_conv1d import causal_conv1d
+from vision_backbones.ops.elementwise import log_sigmoid, softplus
 from vision_backbones.ops.gla import (bidirectional_gated_linear_attention, gated_linear_attention,
                                       gated_linear_attention_reference)
 from vision_backbones.ops.selective_scan import (selective_scan, selective_scan_chunked, selective_scan_numba,
@@ -99,13 +100,27 @@ def test_chunked_scan_is_stable_with_strong_decay():
     assert_close_rel(actual, expected, what="strong decay")
 
 
-@pytest.mark.parametrize("length", [1, 13, 50])
-def test_numba_scan_matches_recurrence(length):
+@pytest.mark.parametrize("length,optional,threads", [(1, True, 1), (13, True, 2), (300, True, 2), (50, False, 1)])
+def test_numba_scan_matches_recurrence(length, optional, threads, monkeypatch):
+    """Numba kernel (time blocks of 128, channels split over threads) with and without D, z, bias, softplus."""
     pytest.importorskip("numba")
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
     x = scan_inputs(length=length, delta_scale=3.0, a_scale=8.0)
-    expected = selective_scan_reference(**{k: v.double() for k, v in x.items()}, delta_softplus=True)
-    actual = selective_scan_numba(**x, delta_softplus=True)
+    if not optional:
+        x = {k: v for k, v in x.items() if k not in ("D", "z", "delta_bias")}
+        x["delta"] = x["delta"].abs()  # positive steps without softplus
+    softplus = optional
+    expected = selective_scan_reference(**{k: v.double() for k, v in x.items()}, delta_softplus=softplus)
+    actual = selective_scan_numba(**x, delta_softplus=softplus)
     assert_close_rel(actual, expected, what=f"numba L={length}")
+
+
+def test_fast_softplus_and_log_sigmoid_match_torch():
+    x = torch.cat([torch.linspace(-100, 100, 20001), torch.randn(1000) * 1e-3, torch.tensor([0.0, -1e-30, 1e-30])])
+    for fast, slow in ((softplus, F.softplus), (log_sigmoid, F.logsigmoid)):
+        expected = slow(x.double())
+        error = ((fast(x).double() - expected).abs() / expected.abs().clamp_min(1e-30)).max().item()
+        assert error < 1e-6, (fast.__name__, error)
 
 
 def test_auto_backend_keeps_gradients_and_uses_fast_path_without_them(monkeypatch):

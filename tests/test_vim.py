@@ -175,9 +175,11 @@ def test_forward_intermediates_and_features_only():
                                              return_prefix_tokens=True)
         (patch_tokens, cls_token), = tokens
         assert patch_tokens.shape == (2, 24, 32) and cls_token.shape == (2, 1, 32)
-        # The map at the last block, normalised, is the final feature sequence without its middle token.
-        normed = model.forward_intermediates(images, indices=1, norm=True, output_fmt="NLC", intermediates_only=True)
-        torch.testing.assert_close(normed[0], torch.cat([final[:, :12], final[:, 13:]], dim=1))
+        # The last block's stream, normalised, is the final feature sequence: class token first, then the patches.
+        (patches, cls), = model.forward_intermediates(images, indices=1, norm=True, output_fmt="NLC",
+                                                      intermediates_only=True, return_prefix_tokens=True)
+        torch.testing.assert_close(cls, final[:, :1])
+        torch.testing.assert_close(patches, final[:, 1:])
 
     features = timm.create_model("vim_tiny_patch16_224", features_only=True, out_indices=(0, 1), **TINY)
     assert features.feature_info.channels() == [32, 32] and features.feature_info.reduction() == [8, 8]
@@ -196,7 +198,7 @@ def test_state_dict_round_trip_and_classifier_api():
         clone.reset_classifier(0, "avg")
         pooled = clone(images)
         tokens = model.forward_features(images)
-        torch.testing.assert_close(pooled, torch.cat([tokens[:, :8], tokens[:, 9:]], dim=1).mean(1))
+        torch.testing.assert_close(pooled, tokens[:, 1:].mean(1))
     assert clone.get_classifier().__class__.__name__ == "Identity" and clone.num_classes == 0
 
 
@@ -207,3 +209,12 @@ def test_parameter_counts(name, official):
         model = timm.create_model(name)
     count = sum(p.numel() for p in model.parameters())
     assert abs(count - official) / official < 0.01, count
+
+
+def test_overlapping_patches_stride8_variant():
+    with torch.device("meta"):
+        model = timm.create_model("vim_tiny_patch16_stride8_224")
+    assert model.grid_size == (27, 27) and model.pos_embed.shape == (1, 730, 192)
+    small = tiny_vim(stride=4)  # 8x8 patches at stride 4 on 32x32: a 7x7 grid
+    with torch.no_grad():
+        assert small.forward_features(torch.randn(1, 3, 32, 32)).shape == (1, 50, 32)

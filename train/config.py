@@ -38,6 +38,7 @@ class ModelSpec:
     vision_kwargs: dict = field(default_factory=dict)
     vision_pretrained_file: str | None = None
     vision_feature_layer: int = -1
+    image_size: int | None = None  # the tower's input size; default: its img_size argument or timm's data config
     connector: str = "mlp2x_gelu"
     connector_kwargs: dict = field(default_factory=dict)
     llm: str | None = None
@@ -153,8 +154,9 @@ class TrainConfig:
     seed: int = 0
     resume: bool = False
 
-    def validate(self) -> "TrainConfig":
-        """Check values that the type annotations cannot express; returns self."""
+    def validate(self, check_data: bool = True) -> "TrainConfig":
+        """Check values that the type annotations cannot express; returns self. `check_data=False` allows an
+        empty `data.sources` (datasets handed to `train.finetune.train` directly)."""
         choices = {"stage.name": (self.stage.name, STAGES), "precision": (self.precision, PRECISIONS),
                    "schedule.name": (self.schedule.name, SCHEDULES)}
         for index, source in enumerate(self.data.sources):
@@ -171,7 +173,7 @@ class TrainConfig:
             raise ConfigError("model: give init_from (a VLM folder), llm (an LLM folder) or text_config (from scratch)")
         if self.model.llm is not None and self.model.text_config is not None:
             raise ConfigError("model: give either llm or text_config, not both")
-        if not self.data.sources:
+        if check_data and not self.data.sources:
             raise ConfigError("data.sources is empty: list at least one dataset")
         return self
 

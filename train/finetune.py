@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from vlm.processing import IGNORE_INDEX
 
 from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
 from .cli import add_arguments, config_from_args
@@ -31,8 +32,6 @@ from .modelbuild import build_model, build_tokenizer
 from .sampler import ResumableBatchSampler
 from .schedule import build_scheduler
 from .stages import apply_stage, parameter_groups, set_train_mode
-
-IGNORE_INDEX = -100
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -80,8 +79,8 @@ def _check_sharding(accelerator, config: TrainConfig):
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == "DEEPSPEED" else 0
     if config.stage.name == "finetune" and config.stage.lora and (kind == "FSDP" or zero_stage == 3):
         raise ValueError(
-            "LoRA training shards no large optimizer state: use plain DDP or DeepSpeed ZeRO-2 for it "
-            "(train/configs/accelerate/deepspeed_zero2.yaml); ZeRO-3 / FSDP are for stage full"
+            "a LoRA run merges its adapter on the main process, which needs whole (unsharded) parameters: use DDP "
+            "or DeepSpeed ZeRO-2 (train/configs/accelerate/deepspeed_zero2.yaml); ZeRO-3 / FSDP are for full training"
         )
 
 
@@ -155,6 +154,42 @@ def _save_final(model, processor, config: TrainConfig, out_dir: Path, base_dir: 
     return final
 
 
+def optimizer_step(accelerator, model, optimizer, micro_batches, config: TrainConfig, step: int,
+                   trainable_params) -> tuple[float, float | None, int]:
+    """Forward/backward over the `grad_accum` micro-batches of one step, then one optimizer update.
+
+    Returns (mean loss per answer token over the global batch, gradient norm before clipping, number of
+    answer tokens in the global batch)."""
+    local_tokens = sum(count_label_tokens(batch["labels"]) for batch in micro_batches)
+    global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item())
+    if global_tokens == 0:
+        raise ValueError(f"step {step}: the batch has no answer token to learn from (check the data's labels)")
+    loss_total = torch.zeros((), device=accelerator.device)
+    grad_norm = None
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels")
+            outputs = model(**{key: value.to(accelerator.device) for key, value in batch.items()}, use_cache=False)
+            loss_sum = token_loss_sum(outputs.logits, labels)
+            # every process must take the same branch, or the others would wait for it forever
+            not_finite = torch.tensor(float(not torch.isfinite(loss_sum)), device=accelerator.device)
+            if accelerator.reduce(not_finite, "sum").item():
+                raise NonFiniteLossError(
+                    f"the loss is not finite at step {step} (NaN or inf): stopping. Lower the learning rate, "
+                    "check the data, or train in float32 (precision=fp32)"
+                )
+            # DDP averages gradients over processes and accelerate divides the loss by grad_accum: undo both
+            # so the gradient is that of the mean over all answer tokens of the global batch.
+            accelerator.backward(loss_sum * (accelerator.num_processes * config.grad_accum / global_tokens))
+            loss_total += loss_sum.detach()
+            if accelerator.sync_gradients and config.optim.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable_params, config.optim.max_grad_norm))
+            optimizer.step()  # accelerate skips it until the last micro-batch
+            optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(loss_total, "sum").item() / global_tokens
+    return loss, grad_norm, global_tokens
+
+
 def train(config: TrainConfig, datasets=None) -> Path:
     """Run the recipe `config` (in this process, or in each process of `accelerate launch`); returns the
     folder of the final model (`out_dir/final`), loadable with `VisionLanguageModel.from_pretrained`.
@@ -164,7 +199,7 @@ def train(config: TrainConfig, datasets=None) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    config.validate()
+    config.validate(check_data=datasets is None)
     _check_cpu_launch()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
                               gradient_accumulation_steps=config.grad_accum)
@@ -215,10 +250,11 @@ def train(config: TrainConfig, datasets=None) -> Path:
         [len(d) for d in datasets], weights, config.batch_size * accelerator.num_processes, config.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes, start_batch=consumed_batches,
     )
-    max_length = config.data.max_length or processor.max_length
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler,
-        collate_fn=make_collate(processor, max_length), num_workers=config.data.num_workers,
+        torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler, num_workers=config.data.num_workers,
+        collate_fn=make_collate(processor, config.data.max_length or processor.max_length),
+        # its own generator: creating the iterator must not draw from the global RNG that the checkpoint restores
+        generator=torch.Generator().manual_seed(config.seed),
     )
     batches = iter(loader)
     logger = MetricsLogger(out_dir, config, accelerator.is_main_process, start_step=step)
@@ -230,42 +266,15 @@ def train(config: TrainConfig, datasets=None) -> Path:
         started = time.perf_counter()
         micro_batches = [next(batches) for _ in range(config.grad_accum)]
         consumed_batches += config.grad_accum
-        local_tokens = sum(count_label_tokens(b["labels"]) for b in micro_batches)
-        global_tokens = accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item()
-        if global_tokens == 0:
-            raise ValueError(f"step {step + 1}: the batch has no answer token to learn from (check the data's labels)")
-        loss_total = torch.zeros((), device=accelerator.device)
-        grad_norm = None
-        for batch in micro_batches:
-            with accelerator.accumulate(model):
-                labels = batch.pop("labels")
-                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-                outputs = model(**batch)
-                loss_sum = token_loss_sum(outputs.logits, labels)
-                bad = accelerator.reduce(torch.tensor(float(not torch.isfinite(loss_sum)), device=accelerator.device), "sum")
-                if bad.item():
-                    raise NonFiniteLossError(
-                        f"the loss is not finite at step {step + 1} (NaN or inf): stopping. Lower the learning rate, "
-                        "check the data, or train in float32 (precision=fp32)"
-                    )
-                # DDP averages gradients over processes and accelerate divides by grad_accum: undo both so the
-                # gradient is that of the mean over the global batch's answer tokens.
-                scale = accelerator.num_processes * config.grad_accum / global_tokens
-                accelerator.backward(loss_sum * scale)
-                loss_total += loss_sum.detach()
-                if accelerator.sync_gradients and config.optim.max_grad_norm:
-                    grad_norm = accelerator.clip_grad_norm_(trainable_params, config.optim.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-        lrs = scheduler.get_last_lr()
+        lr = config.optim.lr * scheduler.lr_lambdas[0](step)
+        lrs = dict(zip([group["name"] for group in optimizer.param_groups], scheduler.get_last_lr()))
+        loss, grad_norm, tokens = optimizer_step(accelerator, model, optimizer, micro_batches, config, step + 1,
+                                                 trainable_params)
         scheduler.step()
         step += 1
-        loss = accelerator.reduce(loss_total, "sum").item() / global_tokens
-        samples = config.batch_size * accelerator.num_processes * config.grad_accum
-        logger.log(step, loss=loss, lr=lrs[0], lrs=dict(zip([g["name"] for g in optimizer.param_groups], lrs)),
-                   grad_norm=None if grad_norm is None else float(grad_norm), tokens=global_tokens,
-                   samples=samples, seconds=time.perf_counter() - started,
-                   epoch=sampler.epoch_of(consumed_batches - 1))
+        logger.log(step, loss=loss, lr=lr, lrs=lrs, grad_norm=grad_norm, tokens=tokens,
+                   samples=config.batch_size * accelerator.num_processes * config.grad_accum,
+                   seconds=time.perf_counter() - started, epoch=sampler.epoch_of(consumed_batches - 1))
         every = config.checkpoint.save_every
         if every and (step % every == 0 or step == config.max_steps):
             trainer_state = {"step": step, "consumed_batches": consumed_batches,

@@ -43,7 +43,7 @@ def build_model(spec: ModelSpec, tokenizer):
     image_token_id = tokenizer.convert_tokens_to_ids("<image>") if "<image>" in tokenizer.get_vocab() else None
     config = VLMConfig(
         vision=spec.vision, vision_kwargs=spec.vision_kwargs, vision_pretrained_file=spec.vision_pretrained_file,
-        vision_feature_layer=spec.vision_feature_layer, connector=spec.connector,
+        vision_feature_layer=spec.vision_feature_layer, image_size=spec.image_size, connector=spec.connector,
         connector_kwargs=spec.connector_kwargs, text_config=_text_config(spec, len(tokenizer)),
         text_pretrained_path=spec.llm, attention_mode=spec.attention_mode, image_token_id=image_token_id,
     )

@@ -82,7 +82,8 @@ class BiMambaMixer(nn.Module):
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """Mamba's initialisation: S4D-real A, unit D, dt bias = softplus^-1 of log-uniform steps in [dt_min, dt_max]."""
+        """Mamba's initialisation: S4D-real A, unit D, dt bias = softplus^-1 of log-uniform steps in
+        [dt_min, dt_max]."""
         dt_min, dt_max, dt_floor = self._dt_range
         if self.A_log.is_meta:
             return
@@ -118,8 +119,9 @@ class BiMambaMixer(nn.Module):
             D=torch.cat([self.D, self.D_b]).float(), z=z,
             delta_bias=torch.cat([self.dt_proj.bias, self.dt_proj_b.bias]).float(), delta_softplus=True,
             backend=self.scan_backend)
-        y = (y[:, :E] + y[:, E:].flip(-1)) * 0.5
-        return self.out_proj(y.transpose(1, 2))
+        # Average the directions; the 1/2 is folded into the (small) output weight instead of the activations.
+        y = y[:, :E] + y[:, E:].flip(-1)
+        return F.linear(y.transpose(1, 2), self.out_proj.weight * 0.5, self.out_proj.bias)
 
 
 class VimBlock(nn.Module):
@@ -140,10 +142,9 @@ class VimBlock(nn.Module):
 class Vim(nn.Module):
     """Vision Mamba with a middle class token (see the module docstring).
 
-    ``forward_features`` returns the normalised token sequence (batch, M + 1, dim) with the class token at index
-    ``M // 2``; ``global_pool`` is ``"token"`` (the middle token, as the official models), ``"avg"`` (mean of the
-    patch tokens) or ``""`` (no pooling). Any input size works: position embeddings are resampled around the middle
-    token.
+    ``forward_features`` returns the normalised tokens (batch, 1 + M, dim), class token first; ``global_pool`` is
+    ``"token"`` (the class token, as the official models), ``"avg"`` (mean of the patch tokens) or ``""`` (no
+    pooling). Any input size works: position embeddings are resampled around the middle token.
     """
 
     def __init__(
@@ -217,12 +218,13 @@ class Vim(nn.Module):
     # ----- timm model API -----
     @torch.jit.ignore
     def no_weight_decay(self):
-        return {"pos_embed", "cls_token"} | {n for n, _ in self.named_parameters() if n.endswith(("A_log", "A_b_log",
-                                                                                               ".D", ".D_b"))}
+        ssm_params = {n for n, _ in self.named_parameters() if n.endswith(("A_log", "A_b_log", ".D", ".D_b"))}
+        return {"pos_embed", "cls_token"} | ssm_params
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
-        return dict(stem=r"^cls_token|pos_embed|patch_embed", blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
+        return dict(stem=r"^cls_token|pos_embed|patch_embed",
+                    blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
@@ -259,21 +261,27 @@ class Vim(nn.Module):
             return checkpoint(layer, hidden, residual)
         return layer(hidden, residual)
 
+    def _final_tokens(self, hidden: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """Final add + norm, with the class token moved from the middle of the sequence to the front."""
+        tokens = self.norm_f((residual + self.drop_path(hidden).float()).to(self.norm_f.weight.dtype))
+        middle = (tokens.shape[1] - 1) // 2
+        return torch.cat([tokens[:, middle:middle + 1], tokens[:, :middle], tokens[:, middle + 1:]], dim=1)
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Images (batch, 3, H, W) -> normalised tokens (batch, M + 1, dim), class token at index M // 2."""
+        """Images (batch, 3, H, W) -> normalised tokens (batch, 1 + M, dim): the class token first (it is processed
+        in the middle of the sequence, as officially, and moved to the front so that ``num_prefix_tokens`` means what
+        it means for timm's ViT), then the M patch tokens in raster order."""
         hidden, _ = self._embed(x)
         residual = None
         for layer in self.layers:
             hidden, residual = self._run_layer(layer, hidden, residual)
-        residual = residual + self.drop_path(hidden).float()
-        return self.norm_f(residual.to(self.norm_f.weight.dtype))
+        return self._final_tokens(hidden, residual)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         if self.global_pool == "token":
-            x = x[:, (x.shape[1] - 1) // 2]
+            x = x[:, 0]
         elif self.global_pool == "avg":
-            middle = (x.shape[1] - 1) // 2
-            x = torch.cat([x[:, :middle], x[:, middle + 1:]], dim=1).mean(1)
+            x = x[:, 1:].mean(1)
         x = self.head_drop(x)
         return x if pre_logits else self.head(x)
 
@@ -318,10 +326,9 @@ class Vim(nn.Module):
             intermediates = list(zip(intermediates, prefix))
         if intermediates_only:
             return intermediates
-        final = residual + self.drop_path(hidden).float()
         if stop_early and len(layers) < len(self.layers):
             raise ValueError("Vim.forward_intermediates: stop_early needs intermediates_only=True")
-        return self.norm_f(final.to(self.norm_f.weight.dtype)), intermediates
+        return self._final_tokens(hidden, residual), intermediates
 
     def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
                                   prune_head: bool = True) -> List[int]:
@@ -416,6 +423,11 @@ default_cfgs = generate_default_cfgs({
                                       hf_hub_filename="vim_t_midclstok_76p1acc.pth"),
     "vim_small_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-small-midclstok",
                                        hf_hub_filename="vim_s_midclstok_80p5acc.pth"),
+    # "+" fine-tunes: overlapping patches (stride 8, 27x27 grid at 224).
+    "vim_tiny_patch16_stride8_224.in1k_ft": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok",
+                                                 hf_hub_filename="vim_t_midclstok_ft_78p3acc.pth"),
+    "vim_small_patch16_stride8_224.in1k_ft": _cfg(hf_hub_id="hustvl/Vim-small-midclstok",
+                                                  hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"),
     # The base checkpoint's file name in hustvl/Vim-base-midclstok is not recorded here: load it with
     # pretrained_cfg_overlay=dict(file=...).
     "vim_base_patch16_224.in1k": _cfg(),
@@ -438,3 +450,17 @@ def vim_small_patch16_224(pretrained: bool = False, **kwargs) -> Vim:
 def vim_base_patch16_224(pretrained: bool = False, **kwargs) -> Vim:
     """Vim-B: dim 768, 24 layers (97.6M parameters)."""
     return _create_vim("vim_base_patch16_224", pretrained, **dict(dict(embed_dim=768, depth=24), **kwargs))
+
+
+@register_model
+def vim_tiny_patch16_stride8_224(pretrained: bool = False, **kwargs) -> Vim:
+    """Vim-Ti+ (the fine-tuned 78.3% model): Vim-Ti with 16x16 patches at stride 8 (729 patches at 224)."""
+    args = dict(embed_dim=192, depth=24, stride=8)
+    return _create_vim("vim_tiny_patch16_stride8_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> Vim:
+    """Vim-S+ (the fine-tuned 81.6% model): Vim-S with 16x16 patches at stride 8."""
+    args = dict(embed_dim=384, depth=24, stride=8)
+    return _create_vim("vim_small_patch16_stride8_224", pretrained, **dict(args, **kwargs))

@@ -88,6 +88,11 @@ class VLMProcessor:
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         return processor
 
+    def __repr__(self) -> str:
+        # stable across runs: evaluation settings files record it
+        return (f"VLMProcessor(image_size={self.image_size}, num_image_tokens={self.num_image_tokens}, "
+                f"vocab={len(self.tokenizer)}, template={self.template})")
+
     # ---------------------------------------------------------------- images
     def preprocess_images(self, images) -> torch.Tensor:
         """PIL RGB images -> normalised (N, 3, image_size, image_size) float tensor."""

@@ -1,8 +1,9 @@
 """Causal depthwise 1-D convolution (the short convolution in front of Mamba's selective scan).
 
 ``y[:, c, t] = bias[c] + sum_j weight[c, j] * x[:, c, t - (k - 1) + j]`` with zeros before the sequence start,
-optionally followed by SiLU. The PyTorch path is ``F.conv1d`` with ``k - 1`` zeros of left padding; the
-``causal_conv1d`` CUDA kernel is used for CUDA tensors when that package imports.
+optionally followed by SiLU. The PyTorch path left-pads with ``k - 1`` zeros and sums ``k`` shifted products (the
+same as ``F.conv1d(pad(x), weight, groups=channels)``); the ``causal_conv1d`` CUDA kernel is used for CUDA tensors
+when that package imports.
 """
 from __future__ import annotations
 
@@ -45,6 +46,13 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         kernel = _cuda_causal_conv1d()
         if kernel is not None:
             return kernel(x, weight, bias, activation="silu" if activation else None)
-    kernel_size = weight.shape[1]
-    y = F.conv1d(F.pad(x, (kernel_size - 1, 0)), weight.unsqueeze(1), bias, groups=x.shape[1])
-    return F.silu(y) if activation else y
+    # k shifted multiply-adds: on CPU several times faster than the (mkldnn) depthwise F.conv1d for this shape.
+    kernel_size, length = weight.shape[1], x.shape[-1]
+    padded = F.pad(x, (kernel_size - 1, 0))
+    if bias is None:
+        y = padded[..., :length] * weight[:, :1]
+    else:
+        y = torch.addcmul(bias[:, None], padded[..., :length], weight[:, :1])
+    for j in range(1, kernel_size):
+        y.addcmul_(padded[..., j:j + length], weight[:, j:j + 1])  # in place: no op here saves y for backward
+    return F.silu(y, inplace=True) if activation else y

@@ -138,13 +138,18 @@ def _fla_chunk_gla():
 
 
 def _run_fla(chunk_gla, q, k, v, g, scale):
-    """Call fla's chunk kernel with our (batch, heads, length, dim) layout across fla versions."""
-    if "head_first" in inspect.signature(chunk_gla).parameters:
-        out, _ = chunk_gla(q, k, v, g, scale=scale, head_first=True)
-        return out
-    # Recent fla takes (batch, length, heads, dim).
-    out, _ = chunk_gla(*(t.transpose(1, 2) for t in (q, k, v, g)), scale=scale)
-    return out.transpose(1, 2)
+    """Call fla's chunk kernel with our (batch, heads, length, dim) layout across fla versions: the ViG fork takes
+    this layout, fla with ``head_first`` takes it on request, recent fla (with ``cu_seqlens``) takes
+    (batch, length, heads, dim). Some versions return ``o`` alone, others ``(o, final_state)``."""
+    params = inspect.signature(chunk_gla).parameters
+    if "head_first" in params:
+        result = chunk_gla(q, k, v, g, scale=scale, head_first=True)
+    elif "cu_seqlens" in params:
+        result = chunk_gla(*(t.transpose(1, 2) for t in (q, k, v, g)), scale=scale)
+        result = (result[0] if isinstance(result, tuple) else result).transpose(1, 2)
+    else:
+        result = chunk_gla(q, k, v, g, scale=scale)
+    return result[0] if isinstance(result, tuple) else result
 
 
 def bidirectional_gated_linear_attention(q, k, v, g_forward, g_backward, scale: Optional[float] = None,

@@ -23,6 +23,8 @@ a sum of non-positive log-decays, so nothing can overflow. Long sequences are pr
 """
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import math
 from typing import Optional
 
@@ -198,17 +200,28 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
             return t.detach().to(torch.float32).contiguous()
 
         y = torch.empty(u.shape, dtype=torch.float32)
-        scan_kernel(
+        args = (
             f32(u).numpy(), f32(delta).numpy(),
             (f32(delta_bias) if delta_bias is not None else torch.zeros(dim)).numpy(), bool(delta_softplus),
             f32(A).numpy(),
             f32(_grouped(B).transpose(2, 3)).numpy(),  # (batch, groups, L, state): contiguous per token
             f32(_grouped(C).transpose(2, 3)).numpy(),
             (f32(D) if D is not None else torch.zeros(dim)).numpy(),
+            (f32(z) if z is not None else torch.empty(0, 0, 0)).numpy(),
             torch.zeros(batch, dim, A.shape[1]).numpy(), y.numpy())
-        if z is not None:
-            y = y * F.silu(z.detach().float())
+        # Split the channels over as many threads as PyTorch uses (threads block when idle, unlike an OpenMP pool).
+        workers = max(1, min(torch.get_num_threads(), dim))
+        bounds = [dim * i // workers for i in range(workers + 1)]
+        if workers == 1:
+            scan_kernel(*args, 0, dim)
+        else:
+            list(_thread_pool(workers).map(lambda i: scan_kernel(*args, bounds[i], bounds[i + 1]), range(workers)))
         return y.to(u.dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def _thread_pool(workers: int) -> concurrent.futures.ThreadPoolExecutor:
+    return concurrent.futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="selective_scan")
 
 
 def _cuda_selective_scan():

@@ -1,10 +1,14 @@
 """Numba-compiled CPU loop for the selective scan (inference only; imported lazily by ``selective_scan``).
 
-One pass per (batch, channel) row: step sizes (bias + softplus), the recurrence with its ``state`` values in a small
-buffer, then the ``D`` skip, so no (length, dim, state) tensor is ever allocated. Numba has no vectorised ``exp``/``log`` without Intel SVML, so :func:`_exp` and
-:func:`_log1p_small` are written out (exponent bits plus polynomials, relative error ~2e-7) in a form LLVM
-vectorises. The kernel is serial on purpose: a numba thread pool next to PyTorch's OpenMP pool on the same cores
-slows both down. Compiled on first use and cached on disk.
+One pass per (batch, channel) row and block of tokens computes the step sizes (bias + softplus), runs the
+recurrence with its ``state`` values in a small buffer, and applies the ``D`` skip and the ``silu(z)`` gate, so no
+(length, dim, state) tensor is allocated and no extra elementwise passes run in PyTorch.
+
+Numba has no vectorised ``exp``/``log`` without Intel SVML, so :func:`_exp` and :func:`_log1p_small` are written
+out (exponent bits plus polynomials, relative error ~2e-7) in a form LLVM vectorises; ``error_model="numpy"``
+drops the zero-division checks that would otherwise block vectorisation. Parallelism comes from the caller running
+channel ranges in plain Python threads (the kernel releases the GIL), not from a numba thread pool: numba's OpenMP
+pool spinning next to PyTorch's on the same cores slows both down. Compiled on first use, cached on disk.
 """
 import math
 
@@ -16,7 +20,7 @@ _LN2 = np.float32(math.log(2.0))
 _BLOCK = 128  # tokens per time block
 
 
-@numba.njit(fastmath=True, inline="always")
+@numba.njit(fastmath=True, error_model="numpy", inline="always")
 def _exp(x):
     """exp(x) for float32 x, clamped to [2**-126, 2**127]: 2**k times a degree-7 polynomial of the remainder."""
     t = min(max(x * _LOG2E, np.float32(-126.0)), np.float32(127.0))
@@ -34,7 +38,7 @@ def _exp(x):
     return p * np.float32(np.int32(bits).view(np.float32))
 
 
-@numba.njit(fastmath=True, inline="always")
+@numba.njit(fastmath=True, error_model="numpy", inline="always")
 def _log1p_small(e):
     """log(1 + e) for 0 <= e <= 1 as 2*atanh(s), s = e / (2 + e) <= 1/3 (odd series to s**13)."""
     s = e / (np.float32(2.0) + e)
@@ -49,8 +53,8 @@ def _log1p_small(e):
     return np.float32(2.0) * s * p
 
 
-@numba.njit(fastmath=True, cache=True)
-def scan_kernel(u, delta, delta_bias, softplus, A, B, C, D, h_state, y):
+@numba.njit(fastmath=True, error_model="numpy", cache=True, nogil=True)
+def scan_kernel(u, delta, delta_bias, softplus, A, B, C, D, z, h_state, y, first_channel, stop_channel):
     """Run the selective scan over a whole sequence, in place.
 
     Args:
@@ -58,12 +62,15 @@ def scan_kernel(u, delta, delta_bias, softplus, A, B, C, D, h_state, y):
         delta_bias, D: (dim,) float32 (zeros when absent). A: (dim, state) float32, non-positive.
         B, C: (batch, groups, L, state) float32.
         h_state: (batch, dim, state) float32, the entering state, overwritten with the leaving state.
-        y: (batch, dim, L) float32 output, ``sum_n C * h + D * u`` (the ``silu(z)`` gate is applied by the caller:
-            as a separate vectorised PyTorch op it costs far less than inside this loop).
+        z: (batch, dim, L) float32 gate (output multiplied by ``silu(z)``), or an empty (0, 0, 0) array for none.
+        y: (batch, dim, L) float32 output.
+        first_channel, stop_channel: the channel range this call computes (calls on disjoint ranges can run in
+            parallel threads: the kernel releases the GIL).
     """
     batch, dim, length = u.shape
     groups, state = B.shape[1], B.shape[3]
     per_group = dim // groups
+    gated = z.shape[0] > 0
     step = np.empty(_BLOCK, dtype=np.float32)
     decay = np.empty(state, dtype=np.float32)
     for b in range(batch):
@@ -71,7 +78,7 @@ def scan_kernel(u, delta, delta_bias, softplus, A, B, C, D, h_state, y):
         # every channel advances its state through the block.
         for start in range(0, length, _BLOCK):
             stop = min(start + _BLOCK, length)
-            for d in range(dim):
+            for d in range(first_channel, stop_channel):
                 g = d // per_group
                 # Branches sit outside the loops so that LLVM vectorises each loop.
                 for t in range(start, stop):
@@ -92,3 +99,7 @@ def scan_kernel(u, delta, delta_bias, softplus, A, B, C, D, h_state, y):
                         h[n] = hn
                         acc += C[b, g, t, n] * hn
                     y[b, d, t] = acc + D[d] * u[b, d, t]
+                if gated:
+                    for t in range(start, stop):
+                        zt = z[b, d, t]
+                        y[b, d, t] *= zt / (np.float32(1.0) + _exp(-zt))

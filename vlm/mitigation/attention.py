@@ -33,8 +33,9 @@ def boost_image_logits(scores: torch.Tensor, key_margins: torch.Tensor) -> torch
 
     scores: (B, H, Q, K) pre-softmax logits (before the mask is added); key_margins: (B, H or 1, K).
     """
-    last = scores[:, :, -1, :]
-    return torch.cat([scores[:, :, :-1, :], (last + key_margins * last.abs()).unsqueeze(2)], dim=2)
+    last = scores[:, :, -1:, :]
+    boosted = last + key_margins.unsqueeze(2) * last.abs()
+    return boosted if scores.shape[2] == 1 else torch.cat([scores[:, :, :-1, :], boosted], dim=2)
 
 
 def redistribute_sink_attention(probs, image_keys, sink_keys, query_rows, p: float, summ: float, rho: float):
@@ -80,6 +81,17 @@ class SequenceRecord:
     padding: torch.Tensor | None = None
     sinks: dict = field(default_factory=dict)  # VAR: layer -> (B, L0) bool
     is_prefill: bool = True
+    _memo: dict = field(default_factory=dict)
+    _memo_length: int = -1
+
+    def memo(self, key, length: int, compute):
+        """A value of the current step shared by the layers (e.g. a key mask padded to `length` keys),
+        computed once per step; a new key length (the next step) starts afresh."""
+        if length != self._memo_length:
+            self._memo, self._memo_length = {}, length
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
 
 def _rows_after_images(image: torch.Tensor, roles: torch.Tensor | None) -> torch.Tensor:
@@ -124,16 +136,17 @@ class LayerEdits:
                  head_scale: torch.Tensor | None = None):
         self.owner, self.layer_index, self.boost, self.var, self.head_scale = owner, layer_index, boost, var, head_scale
 
-    def key_margins(self, record: SequenceRecord, length: int) -> torch.Tensor:
+    def key_margins(self, record: SequenceRecord, length: int, dtype) -> torch.Tensor:
         """(B, H or 1, K) PAI/PAINT margins per key."""
-        if record.local_keys is None:  # PAI: one margin for every image token
-            margins = self.boost["alpha"] * pad_keys(record.image_keys, length).float()
-        else:
-            margins = (self.boost["alpha"] * pad_keys(record.local_keys, length).float()
-                       + self.boost["beta"] * pad_keys(record.summary_keys, length).float())
-        margins = margins[:, None, :]
+        def compute():
+            if record.local_keys is None:  # PAI: one margin for every image token
+                return (self.boost["alpha"] * pad_keys(record.image_keys, length).to(dtype))[:, None, :]
+            return (self.boost["alpha"] * pad_keys(record.local_keys, length).to(dtype)
+                    + self.boost["beta"] * pad_keys(record.summary_keys, length).to(dtype))[:, None, :]
+
+        margins = record.memo(("margins", dtype), length, compute)
         if self.head_scale is not None:
-            margins = margins * self.head_scale[None, :, None].to(margins.device)
+            margins = margins * self.head_scale[None, :, None].to(margins.device, dtype)
         return margins
 
     def attend(self, module, query, key, value, attention_mask, scaling):
@@ -143,18 +156,18 @@ class LayerEdits:
         length = key.shape[2]
         scores = torch.matmul(query, key.transpose(2, 3)) * scaling
         if self.boost is not None:
-            scores = boost_image_logits(scores, self.key_margins(record, length).to(scores.dtype))
+            scores = boost_image_logits(scores, self.key_margins(record, length, scores.dtype))
         scores = _mask_scores(scores, attention_mask)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if self.var is not None:
-            sinks = record.sinks.get(self.layer_index)
-            if sinks is not None:
+            prefill_sinks = record.sinks.get(self.layer_index)
+            if prefill_sinks is not None:
                 rows = record.query_rows[:, -query.shape[2]:] if record.is_prefill else \
                     torch.ones(query.shape[0], query.shape[2], dtype=torch.bool, device=query.device)
-                probs = redistribute_sink_attention(
-                    probs, pad_keys(record.image_keys, length), pad_keys(sinks, length), rows,
-                    self.var["p"], self.var["summ"], self.var["rho"],
-                )
+                image = record.memo("image", length, lambda: pad_keys(record.image_keys, length))
+                sinks = record.memo(("sinks", self.layer_index), length, lambda: pad_keys(prefill_sinks, length))
+                probs = redistribute_sink_attention(probs, image, sinks, rows, self.var["p"], self.var["summ"],
+                                                    self.var["rho"])
         output = torch.matmul(probs, value).transpose(1, 2).contiguous()
         return output, probs
 

@@ -8,48 +8,40 @@ length in words (`eval.chair`) of "Describe the image in detail." captions. Cost
 token of a single-prompt greedy decode, from the difference of a long (40) and a short (8) forced-length
 run (so prefill work is left out), as a ratio to plain greedy; `e2e` is the ratio for the whole long call
 (prefill included). Methods are timed interleaved and the fastest of several rounds counts.
-LQCD needs a leading query, so it runs on POPE only, with "... I am sure there is one, right?" as the
-leading form of each question. VAR needs sink dimensions: calibrated on the first training images when
+LQCD contrasts each prompt with its leading form (the prompt + " I am sure it is there, right?"). VAR needs sink dimensions: calibrated on the first training images when
 the model folder has no `mitigation_stats.safetensors`.
 """
 
 import argparse
 import json
-import statistics
 import time
 from pathlib import Path
 
 import torch
 
 DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
-LEADING_SUFFIX = " I am sure there is one, right?"
 CHAIR_PROMPT = "<image>\nDescribe the image in detail."
 
 
-def spec_for(name: str, processor, leading=None):
+def spec_for(name: str, processor):
     """The `mitigation=` value of a method string of the table (options as in `parse_mitigation_arg`)."""
     from . import parse_mitigation_arg
 
     if name == "none":
         return None
     spec = parse_mitigation_arg(name)
-    if "icd" in spec:
-        spec["icd"]["processor"] = processor
-    if "lqcd" in spec:
-        spec["lqcd"]["leading"] = leading
+    for method in ("icd", "lqcd"):  # they rewrite the prompt with the chat template
+        if method in spec:
+            spec[method]["processor"] = processor
     return spec
 
 
-def generate_texts(model, processor, prompts, images, method, max_new_tokens, batch_size, leading_prompts=None):
+def generate_texts(model, processor, prompts, images, method, max_new_tokens, batch_size):
     texts = []
+    spec = spec_for(method, processor)
     for start in range(0, len(prompts), batch_size):
-        batch_images = images[start:start + batch_size]
-        inputs = processor(images=batch_images, text=prompts[start:start + batch_size])
-        leading = None
-        if leading_prompts is not None:
-            leading = processor(images=batch_images, text=leading_prompts[start:start + batch_size])
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                mitigation=spec_for(method, processor, leading))
+        inputs = processor(images=images[start:start + batch_size], text=prompts[start:start + batch_size])
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, mitigation=spec)
         texts += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])
     return texts
 
@@ -60,8 +52,7 @@ def pope_scores(model, processor, questions, image_root, method, batch_size):
 
     images = [load_image(Path(image_root) / q["image"]) for q in questions]
     prompts = ["<image>\n" + q["text"] for q in questions]
-    leading = [p + LEADING_SUFFIX for p in prompts] if "lqcd" in method else None
-    answers = generate_texts(model, processor, prompts, images, method, 4, batch_size, leading)
+    answers = generate_texts(model, processor, prompts, images, method, 4, batch_size)
     metrics = evaluate_pope(questions, {q["question_id"]: a for q, a in zip(questions, answers)})
     return {"pope_acc": metrics["accuracy"], "pope_f1": metrics["f1"], "pope_yes": metrics["yes_ratio"]}
 
@@ -85,8 +76,7 @@ def decode_costs(model, processor, image, methods, short=8, long=40, rounds=5) -
     runs, with the methods interleaved in every round so that load from other processes hits them alike."""
     prompt = "<image>\nIs there a circle in the image?"
     inputs = processor(images=[image], text=[prompt])
-    leading = processor(images=[image], text=[prompt + LEADING_SUFFIX])
-    specs = {method: spec_for(method, processor, leading) for method in methods}
+    specs = {method: spec_for(method, processor) for method in methods}
 
     def timed(method, tokens):
         start = time.perf_counter()
@@ -166,8 +156,7 @@ def main(argv=None):
         started = time.perf_counter()
         row = {"method": method}
         row.update(pope_scores(model, processor, questions, image_root, method, args.batch_size))
-        if "lqcd" not in method:
-            row.update(chair_scores(model, processor, chair_inputs, method, args.max_new_tokens, args.batch_size))
+        row.update(chair_scores(model, processor, chair_inputs, method, args.max_new_tokens, args.batch_size))
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)

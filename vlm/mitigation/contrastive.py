@@ -6,7 +6,8 @@ keeping only tokens that pass the adaptive plausibility constraint p(y) >= beta 
 input (on logits: l_y >= log(beta) + max l), the rest get -inf. The degraded inputs:
 - VCD: the image with forward-diffusion noise (step 500 of a 1000-step sigmoid beta schedule);
 - ICD: the instruction disturbed by a system prompt ("You are a confused object detector.");
-- LQCD: the real input is the neutral query, the contrast is the leading query the caller gives;
+- LQCD: the real input is the neutral query, the contrast is the leading query the caller gives, or
+  the same prompt with a leading sentence added to its last user turn;
 - PAI/PAINT `cfg=gamma`: the prompt without its image; gamma (log p_c - log p_u) + log p_u is the same
   template with alpha = gamma - 1 (the log-softmax normalisers are constant per step and cancel).
 
@@ -85,10 +86,32 @@ def with_system_prompt(inputs: dict, processor, text: str) -> dict:
     return batch
 
 
+def with_leading_suffix(inputs: dict, processor, suffix: str) -> dict:
+    """LQCD's leading query built from the neutral one: `suffix` added at the end of the last user turn."""
+    tokenizer, template = processor.tokenizer, processor.template
+    ending = tokenizer(template.user.split("{content}")[1], add_special_tokens=False)["input_ids"] \
+        + tokenizer(template.assistant_header, add_special_tokens=False)["input_ids"]
+    added = tokenizer(suffix, add_special_tokens=False)["input_ids"]
+    rows = []
+    for index, row in enumerate(_rows(inputs)):
+        ids, roles = row["input_ids"], row["roles"]
+        if ids[-len(ending):] != ending:
+            raise ValueError(f"lqcd: prompt {index} does not end with a user turn and the assistant header, "
+                             "so the leading suffix has no place; pass `leading` inputs instead")
+        cut = len(ids) - len(ending)
+        rows.append({"input_ids": ids[:cut] + added + ids[cut:],
+                     "roles": roles[:cut] + [int(TokenRole.PROMPT)] * len(added) + roles[cut:]})
+    batch = _left_pad(rows, tokenizer.pad_token_id)
+    if inputs.get("pixel_values") is not None:
+        batch["pixel_values"] = inputs["pixel_values"]
+    return batch
+
+
 def with_noised_image(inputs: dict, step: int, seed: int) -> dict:
     if inputs.get("pixel_values") is None:
         raise ValueError("vcd distorts the image, but the input has no pixel_values")
-    return {**{k: inputs.get(k) for k in INPUT_NAMES}, "pixel_values": diffusion_noise(inputs["pixel_values"], step, seed=seed)}
+    noised = diffusion_noise(inputs["pixel_values"], step, seed=seed)
+    return {**{k: inputs.get(k) for k in INPUT_NAMES}, "pixel_values": noised}
 
 
 def repeat_samples(inputs: dict, times: int, num_image_tokens: int) -> dict:

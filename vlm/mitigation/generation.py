@@ -12,7 +12,8 @@ from transformers import LogitsProcessorList
 
 from .attention import AttentionEdits, check_head_count, head_scale_from_sensitivity
 from .calibration import model_mitigation_stats
-from .contrastive import (INPUT_NAMES, ContrastBranch, with_noised_image, with_system_prompt, without_image)
+from .contrastive import (INPUT_NAMES, ContrastBranch, with_leading_suffix, with_noised_image, with_system_prompt,
+                          without_image)
 from .heads import HeadReinforcement
 from .model_parts import decoder_layers, image_positions
 from .spec import contrast_branch_users, resolve_mitigation
@@ -29,7 +30,8 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
     if inputs["input_ids"] is None:
         raise ValueError("mitigation needs input_ids (generation from inputs_embeds is not supported)")
     branch_users = contrast_branch_users(methods)
-    num_beams = kwargs.get("num_beams") or model.generation_config.num_beams or 1
+    config = kwargs.get("generation_config") or model.generation_config
+    num_beams = kwargs.get("num_beams") or config.num_beams or 1
     if branch_users and num_beams > 1:
         raise ValueError(f"{branch_users[0]} (contrastive decoding) does not support beam search "
                          f"(num_beams={num_beams}): use greedy or sampling")
@@ -83,15 +85,21 @@ def _contrast_branch(model, name, options, inputs) -> ContrastBranch:
                              "mitigation={'icd': {'processor': processor}}")
         contrast = with_system_prompt(inputs, options["processor"], options["disturbance"])
     elif name == "lqcd":
-        leading = options["leading"]
-        if leading is None or "input_ids" not in leading:
-            raise ValueError("lqcd contrasts the given (neutral) query with a leading one: pass "
-                             "mitigation={'lqcd': {'leading': processor(images=..., text=leading_prompts)}}")
-        if leading["input_ids"].shape[0] != inputs["input_ids"].shape[0]:
-            raise ValueError(f"lqcd: {leading['input_ids'].shape[0]} leading prompts for "
-                             f"{inputs['input_ids'].shape[0]} inputs")
-        contrast = {k: leading.get(k) for k in INPUT_NAMES}
+        contrast = _leading_inputs(options, inputs)
     else:  # PAI / PAINT text-only guidance: gamma (l_c - l_u) + l_u == (1 + alpha) l_c - alpha l_u, alpha = gamma - 1
         contrast = without_image(inputs, model.generation_config.pad_token_id or 0)
         return ContrastBranch(model, contrast, options["cfg"] - 1.0, options["cfg_beta"])
     return ContrastBranch(model, contrast, options["alpha"], options["beta"])
+
+
+def _leading_inputs(options, inputs) -> dict:
+    leading = options["leading"]
+    if leading is None:
+        if options["processor"] is None:
+            raise ValueError("lqcd contrasts the given (neutral) query with a leading one: pass mitigation={'lqcd': "
+                             "{'leading': processor(images=..., text=leading_prompts)}} or {'processor': processor} "
+                             "(adds the leading `suffix` to each prompt)")
+        return with_leading_suffix(inputs, options["processor"], options["suffix"])
+    if "input_ids" not in leading or leading["input_ids"].shape[0] != inputs["input_ids"].shape[0]:
+        raise ValueError(f"lqcd: `leading` must be a processor output with {inputs['input_ids'].shape[0]} prompts")
+    return {k: leading.get(k) for k in INPUT_NAMES}

@@ -15,11 +15,11 @@ import torch
 def _check_tower(model):
     tower = model.vision_tower
     blocks = getattr(tower.model, "blocks", None)
-    if blocks is None or len(blocks) < 2 or not hasattr(blocks[0], "attn") or not hasattr(blocks[0].attn, "qkv"):
+    if blocks is None or len(blocks) < 2 or not hasattr(getattr(blocks[0], "attn", None), "qkv"):
         raise ValueError(f"PAINT needs a ViT-style timm tower with attention blocks (blocks[i].attn.qkv); "
                          f"{model.config.vision!r} has none")
     if getattr(tower.model, "cls_token", None) is None:
-        raise ValueError(f"PAINT ranks patches by class-token attention, but {model.config.vision!r} has no class token")
+        raise ValueError(f"PAINT ranks patches by class-token attention; {model.config.vision!r} has no class token")
     if model.num_image_tokens != model.config.vision_num_tokens:
         raise ValueError(f"PAINT needs one LLM image token per vision token, but the {model.config.connector!r} "
                          f"connector maps {model.config.vision_num_tokens} vision tokens to {model.num_image_tokens}")
@@ -27,7 +27,7 @@ def _check_tower(model):
 
 
 def class_token_attention(attention_module, tokens: torch.Tensor, num_prefix_tokens: int) -> torch.Tensor:
-    """(N, T, C) block input -> (N, num_patches) CLS->patch attention summed over heads."""
+    """(N, T, C) input of a timm `Attention` -> (N, num_patches) CLS->patch attention summed over heads."""
     batch, length, _ = tokens.shape
     qkv = attention_module.qkv(tokens).reshape(batch, length, 3, attention_module.num_heads, -1).permute(2, 0, 3, 1, 4)
     query, key = attention_module.q_norm(qkv[0]), attention_module.k_norm(qkv[1])
@@ -51,7 +51,8 @@ def select_paint_tokens(model, pixel_values: torch.Tensor, local_ratio: float) -
     finally:
         for hook in hooks:
             hook.remove()
-    q1, q3 = torch.quantile(penultimate, 0.25, dim=1, keepdim=True), torch.quantile(penultimate, 0.75, dim=1, keepdim=True)
+    q1 = torch.quantile(penultimate, 0.25, dim=1, keepdim=True)
+    q3 = torch.quantile(penultimate, 0.75, dim=1, keepdim=True)
     summary = penultimate > q3 + 1.5 * (q3 - q1)
     count = max(1, round(local_ratio * first.shape[1]))
     top = first.topk(count, dim=1).indices

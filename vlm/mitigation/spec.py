@@ -24,7 +24,9 @@ METHOD_DEFAULTS = {
     # Contrastive decoding: (1 + alpha) l - alpha l' with the plausibility cut beta.
     "vcd": {"alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0},
     "icd": {"alpha": 1.0, "beta": 0.1, "disturbance": "You are a confused object detector.", "processor": None},
-    "lqcd": {"alpha": 1.0, "beta": 0.1, "leading": None},
+    # LQCD: the contrast is `leading` (a processor output), or the prompt with `suffix` added to its last
+    # user turn when a `processor` is given instead.
+    "lqcd": {"alpha": 1.0, "beta": 0.1, "leading": None, "processor": None, "suffix": " I am sure it is there, right?"},
 }
 
 ATTENTION_METHODS = ("pai", "paint", "var")

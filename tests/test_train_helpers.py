@@ -1,4 +1,4 @@
-"""Shared pieces of the `test_train_*` files: tiny scenes, a tiny saved model and tiny recipes."""
+"""Shared pieces of the `test_train_*` files (no tests here): tiny scenes, a tiny saved model, tiny recipes."""
 
 from pathlib import Path
 

@@ -1,0 +1,150 @@
+"""Checkpoints: atomic writes, pruning, RNG round trips, deterministic resumable data order."""
+
+import itertools
+import json
+import random
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+
+from train.checkpoint import (frozen_fingerprint, latest_checkpoint, list_checkpoints, load_checkpoint,
+                              remove_unfinished, rng_state, save_checkpoint, set_rng_state, trainable_state_dict)
+from train.sampler import ResumableBatchSampler, mixture_epoch
+from train.schedule import build_scheduler, lr_factor
+from train.config import ScheduleSpec
+
+
+class TiedNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = torch.nn.Embedding(5, 3)
+        self.head = torch.nn.Linear(3, 5, bias=False)
+        self.head.weight = self.embed.weight  # tied, like an LLM's embeddings
+        self.frozen = torch.nn.Linear(3, 3)
+        self.frozen.requires_grad_(False)
+        self.register_buffer("count", torch.zeros(()))
+
+
+def setup(seed=0):
+    torch.manual_seed(seed)
+    model = TiedNet()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scheduler = build_scheduler(optimizer, ScheduleSpec(name="cosine", warmup_steps=2), max_steps=10)
+    return model, optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler):
+    loss = model.head(model.embed(torch.arange(5))).pow(2).mean() + torch.rand(()) * 0  # draws from the RNG
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    scheduler.step()
+    model.count += 1
+
+
+def save(root, step, model, optimizer, scheduler, keep_last=2):
+    state = {"step": step, "consumed_batches": step, "global_batch_size": 1, "num_processes": 1,
+             "frozen_fingerprint": frozen_fingerprint(model)}
+    return save_checkpoint(root, step, Accelerator(cpu=True), model, optimizer, scheduler, state, "x: 1\n", keep_last)
+
+
+def test_trainable_state_skips_frozen_and_stores_tied_weights_once():
+    model, _, _ = setup()
+    state = trainable_state_dict(model)
+    assert set(state) == {"embed.weight", "count"}
+
+
+def test_save_load_restores_everything(tmp_path):
+    model, optimizer, scheduler = setup()
+    for _ in range(3):
+        train_step(model, optimizer, scheduler)
+    path = save(tmp_path, 3, model, optimizer, scheduler)
+    lrs_at_save = scheduler.get_last_lr()
+    random.random(), np.random.rand(), torch.rand(3)
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    train_step(model, optimizer, scheduler)
+    after_one_more = model.embed.weight.clone()
+
+    fresh, fresh_optimizer, fresh_scheduler = setup()
+    state = load_checkpoint(path, Accelerator(cpu=True), fresh, fresh_optimizer, fresh_scheduler)
+    assert state["step"] == 3 and fresh.count.item() == 3
+    assert fresh_scheduler.last_epoch == 3 and fresh_scheduler.get_last_lr() == pytest.approx(lrs_at_save)
+    random.random(), np.random.rand(), torch.rand(3)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(3), expected[2])
+    train_step(fresh, fresh_optimizer, fresh_scheduler)
+    assert torch.equal(fresh.embed.weight, after_one_more)  # same optimizer moments and learning rate
+
+
+def test_resume_refuses_other_frozen_weights(tmp_path):
+    model, optimizer, scheduler = setup(seed=0)
+    path = save(tmp_path, 1, model, optimizer, scheduler)
+    other, other_optimizer, other_scheduler = setup(seed=1)
+    with pytest.raises(RuntimeError, match="frozen weight frozen.weight"):
+        load_checkpoint(path, Accelerator(cpu=True), other, other_optimizer, other_scheduler)
+
+
+def test_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch):
+    model, optimizer, scheduler = setup()
+    good = save(tmp_path, 1, model, optimizer, scheduler)
+    train_step(model, optimizer, scheduler)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed while saving")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save(tmp_path, 2, model, optimizer, scheduler)
+    monkeypatch.undo()
+    assert (tmp_path / "ckpt-000002.tmp").is_dir()  # the half-written one...
+    assert latest_checkpoint(tmp_path) == good  # ...is never picked up
+    fresh, fresh_optimizer, fresh_scheduler = setup()
+    assert load_checkpoint(good, Accelerator(cpu=True), fresh, fresh_optimizer, fresh_scheduler)["step"] == 1
+    remove_unfinished(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt-000001"]
+
+
+def test_keep_last_prunes_old_checkpoints(tmp_path):
+    model, optimizer, scheduler = setup()
+    for step in range(1, 5):
+        save(tmp_path, step, model, optimizer, scheduler, keep_last=2)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["ckpt-000003", "ckpt-000004"]
+    assert json.loads((tmp_path / "ckpt-000004" / "trainer_state.json").read_text())["step"] == 4
+
+
+def test_rng_state_is_json_and_round_trips():
+    state = json.loads(json.dumps(rng_state()))
+    values = (random.random(), np.random.rand(), torch.rand(2))
+    set_rng_state(state)
+    again = (random.random(), np.random.rand(), torch.rand(2))
+    assert values[:2] == again[:2] and torch.equal(values[2], again[2])
+
+
+def test_mixture_weights_and_epochs():
+    order = mixture_epoch([10, 20], [2.0, 0.5], seed=0, epoch=0)
+    counts = Counter(order.tolist())
+    assert len(order) == 30 and all(counts[i] == 2 for i in range(10))
+    assert sum(1 for i in counts if i >= 10) == 10 and all(counts[i] == 1 for i in counts if i >= 10)
+    assert not np.array_equal(order, mixture_epoch([10, 20], [2.0, 0.5], seed=0, epoch=1))
+    assert np.array_equal(order, mixture_epoch([10, 20], [2.0, 0.5], seed=0, epoch=0))
+
+
+def test_sampler_resumes_mid_epoch_and_splits_global_batches():
+    def batches(count=9, **kwargs):
+        return list(itertools.islice(iter(ResumableBatchSampler([7, 6], [1.0, 1.0], 4, seed=3, **kwargs)), count))
+
+    whole = batches()
+    assert batches(start_batch=5) == batches(count=14)[5:]  # resumes mid-epoch (3 batches per epoch)
+    halves = [batches(rank=rank, world_size=2) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == whole
+    epoch0 = sorted(sum(whole[:3], []))
+    assert len(set(epoch0)) == 12  # no repeats inside an epoch
+
+
+def test_schedule_warmup_then_cosine():
+    spec = ScheduleSpec(name="cosine", warmup_steps=4, min_lr_ratio=0.1)
+    assert [lr_factor(s, spec, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert lr_factor(9, spec, 14) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_factor(14, spec, 14) == pytest.approx(0.1)

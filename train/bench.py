@@ -1,0 +1,174 @@
+"""Training throughput and memory of the shipped recipes, with the time of one step split into vision
+(tower + connector), LLM forward, backward and optimizer.
+
+    python -m train.bench                                 # demo_tiny and smollm2_lora_scenes on this machine
+    python -m train.bench --recipes demo_tiny --steps 20 --batch-size 16 --threads 2
+
+Each recipe runs in its own process, so its peak memory (resident set on CPU, allocated memory on a GPU)
+is its own. The model, stage, data and optimizer are built by the same functions as `train.finetune`.
+"""
+
+import argparse
+import json
+import multiprocessing
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RECIPE_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_SMOLLM2_DIR = Path("runs/assets/smollm2")
+
+
+class SectionTimer:
+    """Adds the wall time spent inside `module`'s forward to `self.seconds` (through forward hooks)."""
+
+    def __init__(self, *modules):
+        self.seconds, self._start = 0.0, None
+        for module in modules:
+            module.register_forward_pre_hook(self._enter)
+            module.register_forward_hook(self._leave)
+
+    def _enter(self, *args):
+        self._start = time.perf_counter()
+
+    def _leave(self, *args):
+        self.seconds += time.perf_counter() - self._start
+
+
+def _sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_recipe(recipe: str, overrides: list[str], steps: int, threads: int) -> dict:
+    """Time `steps` optimizer steps (after one warm-up step) of `recipe` with `overrides`."""
+    import torch
+
+    from .config import load_config
+    from .data import build_datasets, conversation_texts, make_collate
+    from .finetune import resolve_precision, token_loss_sum
+    from .modelbuild import build_model, build_tokenizer
+    from .stages import apply_stage, parameter_groups, set_train_mode
+
+    torch.set_num_threads(threads)
+    config = load_config(RECIPE_DIR / f"{recipe}.yaml", overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    datasets = build_datasets(config.data)
+    torch.manual_seed(config.seed)
+    tokenizer = None if config.model.init_from else build_tokenizer(config.model, lambda: conversation_texts(datasets))
+    model, processor = build_model(config.model, tokenizer)
+    apply_stage(model, config.stage, config.lora)
+    model.to(device)
+    set_train_mode(model)
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim), lr=config.optim.lr)
+    collate = make_collate(processor, config.data.max_length or processor.max_length)
+    vision = SectionTimer(model.vision_tower, model.connector)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(resolve_precision(config.precision))
+
+    samples = [datasets[0][i % len(datasets[0])] for i in range(config.batch_size)]
+    batch = collate(samples)
+    labels = batch.pop("labels").to(device)
+    batch = {key: value.to(device) for key, value in batch.items()}
+    totals = {"vision_s": 0.0, "llm_forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    for step in range(steps + 1):  # step 0 warms up
+        vision.seconds = 0.0
+        _sync(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            loss = token_loss_sum(model(**batch).logits, labels) / (labels != -100).sum()
+        _sync(device)
+        forward_done = time.perf_counter()
+        loss.backward()
+        _sync(device)
+        backward_done = time.perf_counter()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if step:
+            totals["vision_s"] += vision.seconds
+            totals["llm_forward_s"] += forward_done - started - vision.seconds
+            totals["backward_s"] += backward_done - forward_done
+            totals["optimizer_s"] += time.perf_counter() - backward_done
+    step_s = sum(totals.values()) / steps
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if device.type == "cuda":
+        peak_mib = torch.cuda.max_memory_allocated() / 2**20
+    else:  # ru_maxrss is in KiB on Linux
+        peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "recipe": recipe, "device": device.type, "threads": threads, "batch_size": config.batch_size,
+        "sequence_length": int(batch["input_ids"].shape[1]), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
+        "trainable_m": trainable / 1e6, "samples_per_s": config.batch_size / step_s, "step_s": step_s,
+        **{key: value / steps for key, value in totals.items()}, "peak_memory_mib": peak_mib,
+    }
+
+
+def _child(queue, *args):
+    try:
+        queue.put(bench_recipe(*args))
+    except Exception as error:  # reported by the parent, which keeps benchmarking the other recipes
+        queue.put({"recipe": args[0], "error": f"{type(error).__name__}: {error}"})
+
+
+def run_isolated(recipe: str, overrides: list[str], steps: int, threads: int) -> dict:
+    """`bench_recipe` in a fresh process (its own peak memory)."""
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    process = context.Process(target=_child, args=(queue, recipe, overrides, steps, threads))
+    process.start()
+    result = queue.get()
+    process.join()
+    return result
+
+
+def format_row(row: dict) -> str:
+    if "error" in row:
+        return f"{row['recipe']:<22} failed: {row['error']}"
+    return (f"{row['recipe']:<22} {row['device']:>4} b={row['batch_size']:<3} L={row['sequence_length']:<4} "
+            f"{row['trainable_m']:7.2f}M/{row['params_m']:7.2f}M trainable  {row['samples_per_s']:7.2f} samples/s  "
+            f"step {row['step_s'] * 1000:8.1f} ms = vision {row['vision_s'] * 1000:7.1f} + LLM fwd "
+            f"{row['llm_forward_s'] * 1000:7.1f} + bwd {row['backward_s'] * 1000:7.1f} + optim "
+            f"{row['optimizer_s'] * 1000:6.1f}  peak {row['peak_memory_mib']:7.0f} MiB")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--recipes", nargs="+", default=["demo_tiny", "smollm2_lora_scenes"])
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per recipe (after one warm-up step)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--scenes", type=Path, default=None, help="a `vlm data scenes` folder (default: 40 new scenes)")
+    parser.add_argument("--smollm2", type=Path, default=DEFAULT_SMOLLM2_DIR,
+                        help="converted SmolLM2 folder (converted there first when missing)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        scenes = args.scenes
+        if scenes is None:
+            from data.scenes import generate_scenes
+
+            scenes = Path(tmp) / "scenes"
+            generate_scenes(scenes, 40, seed=0)
+        rows = []
+        for recipe in args.recipes:
+            overrides = [f"data.sources.0.path={scenes}", f"batch_size={args.batch_size}"]
+            if recipe.startswith("smollm2"):
+                from .assets import convert_smollm2
+
+                overrides.append(f"model.llm={convert_smollm2(args.smollm2)}")
+            rows.append(run_isolated(recipe, overrides, args.steps, args.threads))
+            print(format_row(rows[-1]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(rows, indent=1))
+    return 1 if any("error" in row for row in rows) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
