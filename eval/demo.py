@@ -10,7 +10,6 @@ Same seed, same numbers: the training length is a number of steps derived from `
 2-core machine), never a wall-clock cut-off.
 """
 
-import argparse
 import json
 import time
 from collections import Counter
@@ -133,16 +132,21 @@ def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None
 
 
 @torch.no_grad()
-def decode_speed(model, processor, images: list[tuple], mitigation) -> float:
-    """Seconds per generated token (batch of `images`, 32 forced new tokens), for overhead ratios."""
+def decode_speed(model, processor, images: list[tuple], mitigation, new_tokens: int = 32) -> float:
+    """Seconds per generated token (a batch of `images`, `new_tokens` forced), after a warm-up call."""
     from data.images import load_image
 
     inputs = processor(images=[load_image(path) for _, path in images],
                        text=["<image>\n" + DETAIL_PROMPT] * len(images))
     kwargs = {"mitigation": mitigation} if mitigation else {}
+
+    def run():
+        model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
+
+    run()
     start = time.perf_counter()
-    model.generate(**inputs, max_new_tokens=32, min_new_tokens=32, do_sample=False, **kwargs)
-    return (time.perf_counter() - start) / 32
+    run()
+    return (time.perf_counter() - start) / new_tokens
 
 
 def attention_picture(model, processor, image_entry: tuple, vocabulary, out_dir: Path) -> dict:
@@ -386,7 +390,7 @@ def main(args) -> int:
                       args.steps, progress=not args.no_progress)
     report = Path(args.out) / "report.md"
     pope = result["results"]["pope"]["splits"]
-    print(f"POPE accuracy random/popular/adversarial: " + " / ".join(_pct(pope[s]["accuracy"]) for s in pope))
+    print("POPE accuracy random/popular/adversarial: " + " / ".join(_pct(pope[s]["accuracy"]) for s in pope))
     print(f"report: {report} (and report.html)")
     return 0
 

@@ -4,8 +4,10 @@ from pathlib import Path
 import pytest
 import torch
 
-# Tests run on CPU with few threads: the CI machine has 2 cores.
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The tests' tensors are tiny: one thread is as fast as two, and far faster when other processes share the
+# CPU (a second thread then mostly waits). Subprocesses that the tests start inherit OMP_NUM_THREADS.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 

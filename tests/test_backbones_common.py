@@ -7,13 +7,6 @@ import timm
 import torch
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and far faster when other processes share the CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 # name -> (module that registers it, or None for timm's own, constructor kwargs for a small input, input side)

@@ -11,13 +11,6 @@ from vision_backbones.biformer import BiFormer
 from vision_backbones.ops.routing_attention import BiLevelRoutingAttention
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and far faster when other processes share the CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _project(attn: BiLevelRoutingAttention, x: torch.Tensor, qk_dim: int):

@@ -9,13 +9,6 @@ import torch
 from vision_backbones.lookupvit import BidirectionalCrossAttention, LookupViT, checkpoint_filter_fn
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These tensors are tiny: one thread is as fast, and far faster when other processes share the CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def _tiny_lookupvit(**kwargs) -> LookupViT:

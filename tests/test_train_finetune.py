@@ -8,11 +8,10 @@ import torch
 from train.finetune import NonFiniteLossError, train
 from train.lora import load_adapter, merge_adapter
 from train.metrics import read_metrics
-from test_train_helpers import final_weights, make_scenes, one_thread, save_tiny_model, tiny_config
+from test_train_helpers import final_weights, make_scenes, save_tiny_model, tiny_config
 from vlm import VisionLanguageModel, VLMProcessor
 
 
-single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

@@ -51,10 +51,3 @@ def save_tiny_model(folder):
     processor.save_pretrained(folder)
     return Path(folder)
 
-
-def one_thread():
-    """Tiny models train fastest, and reproducibly, on one thread (several threads fight over a busy CPU)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -14,11 +14,10 @@ import pytest
 from train.checkpoint import latest_checkpoint
 from train.config import load_config
 from train.finetune import train
-from test_train_helpers import (DEMO_RECIPE, REPO, final_weights, make_scenes, one_thread, save_tiny_model,
+from test_train_helpers import (DEMO_RECIPE, REPO, final_weights, make_scenes, save_tiny_model,
                                 tiny_overrides)
 
 STEPS = 16
-single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="module")

