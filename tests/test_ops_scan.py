@@ -145,11 +145,12 @@ def test_selective_scan_rejects_bad_shapes():
         selective_scan_chunked(**x)
 
 
-def test_causal_conv1d_matches_explicit_sum():
+@pytest.mark.parametrize("length", [9, 2])
+def test_causal_conv1d_matches_explicit_sum(length):
     g = torch.Generator().manual_seed(0)
-    x, w, b = torch.randn(2, 5, 9, generator=g), torch.randn(5, 1, 4, generator=g), torch.randn(5, generator=g)
-    expected = torch.zeros(2, 5, 9)
-    for t in range(9):
+    x, w, b = torch.randn(2, 5, length, generator=g), torch.randn(5, 1, 4, generator=g), torch.randn(5, generator=g)
+    expected = torch.zeros(2, 5, length)
+    for t in range(length):
         for j in range(4):
             src = t - 3 + j
             if src >= 0:
@@ -157,10 +158,11 @@ def test_causal_conv1d_matches_explicit_sum():
     expected += b[:, None]
     torch.testing.assert_close(causal_conv1d(x, w, b), expected)
     torch.testing.assert_close(causal_conv1d(x, w[:, 0], b, activation="silu"), F.silu(expected))
+    torch.testing.assert_close(causal_conv1d(x, w, None), expected - b[:, None])
     # Causality: changing the future never changes the past.
     x2 = x.clone()
-    x2[..., 6:] += 1
-    torch.testing.assert_close(causal_conv1d(x2, w, b)[..., :6], expected[..., :6])
+    x2[..., 1:] += 1
+    torch.testing.assert_close(causal_conv1d(x2, w, b)[..., :1], expected[..., :1])
 
 
 def gla_inputs(batch=2, heads=2, length=21, dk=4, dv=6, seed=0, gate_scale=1.0):

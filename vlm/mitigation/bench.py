@@ -7,9 +7,10 @@ POPE: accuracy, F1 and yes-ratio (`eval.pope`, official parsing). CHAIR: CHAIR_S
 length in words (`eval.chair`) of "Describe the image in detail." captions. Cost: seconds per generated
 token of a single-prompt greedy decode, from the difference of a long (40) and a short (8) forced-length
 run (so prefill work is left out), as a ratio to plain greedy; `e2e` is the ratio for the whole long call
-(prefill included). Methods are timed interleaved and the fastest of several rounds counts.
-LQCD contrasts each prompt with its leading form (the prompt + " I am sure it is there, right?"). VAR needs sink dimensions: calibrated on the first training images when
-the model folder has no `mitigation_stats.safetensors`.
+(prefill included). Methods are timed interleaved and the fastest of several rounds counts; use
+`--threads 1 --rounds 10` on a shared machine. LQCD contrasts each prompt with its leading form (the
+prompt + " I am sure it is there, right?"). VAR needs sink dimensions: calibrated on the first training
+images when the model folder has no `mitigation_stats.safetensors`.
 """
 
 import argparse
@@ -130,6 +131,7 @@ def main(argv=None):
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the fastest counts)")
+    parser.add_argument("--timing-only", action="store_true", help="skip POPE and CHAIR, measure the cost only")
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -155,8 +157,9 @@ def main(argv=None):
     for method in args.methods:
         started = time.perf_counter()
         row = {"method": method}
-        row.update(pope_scores(model, processor, questions, image_root, method, args.batch_size))
-        row.update(chair_scores(model, processor, chair_inputs, method, args.max_new_tokens, args.batch_size))
+        if not args.timing_only:
+            row.update(pope_scores(model, processor, questions, image_root, method, args.batch_size))
+            row.update(chair_scores(model, processor, chair_inputs, method, args.max_new_tokens, args.batch_size))
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
