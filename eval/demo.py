@@ -16,20 +16,26 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 # Tiny vision towers at 64 px for each of the six backbones: (timm name, create_model kwargs, feature layer).
 DEMO_BACKBONES = {
     "vit": ("vit_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}, -1),
     "davit": ("davit_tiny", {"embed_dims": (32, 64, 128, 256), "num_heads": (1, 2, 4, 8), "depths": (1, 1, 1, 1)}, 2),
+    "lookupvit": ("lookupvit_tiny_patch16_224",
+                  {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}, -1),
+    "biformer": ("biformer_tiny", {"depths": (1, 1, 2, 1), "embed_dims": (32, 64, 128, 256), "topks": (1, 2, 4, -2),
+                                   "num_regions": 2}, 2),
+    "vim": ("vim_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 96}, -1),
+    "vig": ("vig_tiny_patch16_224", {"img_size": 64, "patch_size": 8, "depth": 4, "embed_dim": 96, "num_heads": 3}, -1),
 }
 DEFAULT_BACKBONE = "vit"
 DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=True)
-STEPS_PER_MINUTE = 60  # optimizer steps of the default recipe per minute on 2 CPU cores (measured, see docs)
-TRAIN_SHARE = 0.6  # of the budget; the rest generates data and evaluates
+STEPS_PER_MINUTE = 140  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured)
+TRAIN_SHARE = 0.85  # of the budget; the rest generates data and evaluates (about a minute)
 DETAIL_PROMPT = "Describe the image in detail."  # what the scenes' conversations ask
-PROMPT_METHODS = ("icd", "lqcd")  # mitigation methods that need the processor
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
 
@@ -101,8 +107,12 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
                              generation_kwargs=greedy, **common)
     results["speed"] = {"plain": decode_speed(model, processor, chair_images[:batch_size], None)}
     for method in mitigations:
-        # instruction-level methods rewrite the prompt with the chat template
-        kwargs = {"mitigation": {method: {"processor": processor} if method in PROMPT_METHODS else {}}}
+        kwargs = {"mitigation": [method]}
+        try:
+            check_mitigation(model, processor, method)
+        except ValueError as refused:  # e.g. PAINT needs a ViT-style tower
+            results["mitigation"][method] = {"refused": str(refused)}
+            continue
         run = {
             "pope_adversarial": run_pope(model, processor, pope_splits["adversarial"], image_root,
                                          answers / f"pope_adversarial_{method}.jsonl",
@@ -132,13 +142,23 @@ def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None
 
 
 @torch.no_grad()
+def check_mitigation(model, processor, method: str) -> None:
+    """Raise the method's own error if it cannot run on this model (one tiny generate)."""
+    from vlm.mitigation import with_processor
+
+    inputs = processor(images=[Image.new("RGB", (8, 8))], text=["<image>\n" + DETAIL_PROMPT])
+    model.generate(**inputs, max_new_tokens=1, do_sample=False, mitigation=with_processor([method], processor))
+
+
+@torch.no_grad()
 def decode_speed(model, processor, images: list[tuple], mitigation, new_tokens: int = 32) -> float:
     """Seconds per generated token (a batch of `images`, `new_tokens` forced), after a warm-up call."""
     from data.images import load_image
+    from vlm.mitigation import with_processor
 
     inputs = processor(images=[load_image(path) for _, path in images],
                        text=["<image>\n" + DETAIL_PROMPT] * len(images))
-    kwargs = {"mitigation": mitigation} if mitigation else {}
+    kwargs = {"mitigation": with_processor(mitigation, processor)} if mitigation else {}
 
     def run():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)
@@ -194,6 +214,9 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
             **results["mitigation"]}
     rows = []
     for name, run in runs.items():
+        if "refused" in run:
+            rows.append([name, "refused: " + run["refused"].split(":")[0]] + [""] * 8)
+            continue
         pope, chair = run["pope_adversarial"], run["chair"]
         speed = results["speed"].get("plain" if name == "none" else name)
         rows.append([name, _pct(pope["accuracy"]), _pct(pope["f1"]), _pct(pope["yes_ratio"]), str(pope["fp"]),
@@ -263,7 +286,8 @@ def write_report(out_dir: Path, results: dict, settings: dict, scenes: Path) -> 
 
     plot_pope_metrics(results["pope"], out_dir / "pope_metrics.png")
     plot_pope_yes_ratio(results["pope"], out_dir / "pope_yes_ratio.png")
-    plot_chair_vs_length({"none": results["chair"], **{m: r["chair"] for m, r in results["mitigation"].items()}},
+    plot_chair_vs_length({"none": results["chair"], **{m: r["chair"] for m, r in results["mitigation"].items()
+                                                       if "chair" in r}},
                          out_dir / "chair_vs_length.png")
     examples = [{**entry, "image": scenes / "images" / "test" / f"{int(entry['image_id']):012d}.png"}
                 for entry in results["chair"]["per_caption"][:6]]

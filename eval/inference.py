@@ -116,6 +116,10 @@ def generate_batch(model, processor, prepared: list, generation_kwargs: dict, st
     inputs = processor.collate(encoded, images)
     del inputs["labels"]
     inputs = inputs.to(model.device)
+    if generation_kwargs.get("mitigation"):
+        from vlm.mitigation import with_processor
+
+        generation_kwargs = {**generation_kwargs, "mitigation": with_processor(generation_kwargs["mitigation"], processor)}
     output = model.generate(**inputs, **generation_kwargs, streamer=streamer)
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 

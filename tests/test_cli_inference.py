@@ -142,3 +142,18 @@ def test_fatal_errors_exit_two(saved, tmp_path, capsys):
     assert "no config.json" in capsys.readouterr().err
     assert main(["ask", "--model", str(saved / "model"), "x.png", "hi", "--stream", "--json"]) == 2
     assert "--stream" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["icd", "lqcd"])
+def test_prompt_rewriting_mitigation_from_the_command_line(saved, loaded, capsys, method):
+    # a command line cannot pass a processor: the runner hands it to the methods that rewrite prompts
+    path = saved / "images" / "nested" / "c_yellow.png"
+    args = ["ask", "--model", str(saved / "model"), str(path), "Is there a circle?", "--max-new-tokens", str(MAX_NEW),
+            "--json", "--mitigation", method]
+    assert main(args) == 0
+    record = json.loads(capsys.readouterr().out)
+    model, processor = loaded
+    inputs = processor(images=[load_image(path)], text=["<image>\nIs there a circle?"])
+    expected = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
+                              mitigation={method: {"processor": processor}})
+    assert record["answer"] == processor.batch_decode(expected[:, inputs["input_ids"].shape[1]:])[0]

@@ -113,6 +113,17 @@ def normalize_spec(spec) -> dict:
     return normalized
 
 
+PROMPT_METHODS = ("icd", "lqcd")  # they rewrite the prompt, so they need the processor
+
+
+def with_processor(spec, processor) -> dict:
+    """`spec` as a dict, with `processor` handed to the prompt-rewriting methods that were not given one
+    (what `vlm eval --mitigation icd` and the demo need: a command line cannot pass a processor)."""
+    spec = normalize_spec(spec)
+    return {name: ({"processor": processor, **options} if name in PROMPT_METHODS and options.get("leading") is None
+                   else options) for name, options in spec.items()}
+
+
 def resolve_mitigation(spec, num_layers: int) -> dict:
     """Validated `{method: complete options}` for a model with `num_layers` decoder layers.
 

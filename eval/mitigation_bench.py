@@ -1,7 +1,7 @@
 """Measured effect of each mitigation method: POPE (adversarial) and CHAIR on a scenes folder, plus the
 decode-time cost per token against plain greedy decoding.
 
-    python -m vlm.mitigation.bench --model runs/tiny --scenes runs/scenes [--split test] [--out bench.json]
+    python -m eval.mitigation_bench --model runs/tiny --scenes runs/scenes [--split test] [--out bench.json]
 
 POPE: accuracy, F1 and yes-ratio (`eval.pope`, official parsing). CHAIR: CHAIR_S, CHAIR_I, recall and
 length in words (`eval.chair`) of "Describe the image in detail." captions. Cost: seconds per generated
@@ -26,7 +26,7 @@ CHAIR_PROMPT = "<image>\nDescribe the image in detail."
 
 def spec_for(name: str, processor):
     """The `mitigation=` value of a method string of the table (options as in `parse_mitigation_arg`)."""
-    from . import parse_mitigation_arg
+    from vlm.mitigation import parse_mitigation_arg
 
     if name == "none":
         return None
@@ -96,7 +96,7 @@ def decode_costs(model, processor, image, methods, short=8, long=40, rounds=5) -
 def ensure_stats(model, processor, scenes, split, num_images=16):
     from data.images import load_image
 
-    from .calibration import calibrate_mitigation_stats, model_mitigation_stats
+    from vlm.mitigation.calibration import calibrate_mitigation_stats, model_mitigation_stats
 
     if "sink_dims" in model_mitigation_stats(model):
         return "loaded"
@@ -139,7 +139,7 @@ def main(argv=None):
     from data.images import load_image
     from eval.sources import scenes_chair, scenes_pope
 
-    from .. import VisionLanguageModel, VLMProcessor
+    from vlm import VisionLanguageModel, VLMProcessor
 
     model = VisionLanguageModel.from_pretrained(args.model).eval()
     processor = VLMProcessor.from_pretrained(args.model)
