@@ -25,6 +25,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
+from ._classifier import ClassifierHeadMixin
 from .ops.routing_attention import BiLevelRoutingAttention, multi_head_attention
 
 
@@ -87,7 +88,7 @@ def _conv_bn(in_chs: int, out_chs: int) -> list[nn.Module]:
     return [nn.Conv2d(in_chs, out_chs, 3, stride=2, padding=1), nn.BatchNorm2d(out_chs)]
 
 
-class BiFormer(nn.Module):
+class BiFormer(ClassifierHeadMixin, nn.Module):
     """Four-stage BiFormer (stride 4, 8, 16, 32). `forward_features` returns the normed NCHW map of stage 4."""
 
     def __init__(
@@ -159,22 +160,6 @@ class BiFormer(nn.Module):
                     blocks=r"^stages\.(\d+)" if coarse else [(r"^stages\.(\d+)\.(\d+)", None),
                                                               (r"^downsample_layers\.(\d+)", (0,)),
                                                               (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r}: BiFormer supports 'avg' or ''")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def _run_stage(self, index: int, x: torch.Tensor) -> torch.Tensor:
         x = self.downsample_layers[index](x)

@@ -45,6 +45,8 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from ._classifier import ClassifierHeadMixin
+
 GridSize = int | tuple[int, int]
 
 
@@ -121,7 +123,7 @@ class LookupViTBlock(nn.Module):
         return compressed, lookup
 
 
-class LookupViT(nn.Module):
+class LookupViT(ClassifierHeadMixin, nn.Module):
     """LookupViT image encoder. `forward_features` returns the normed lookup tokens (B, N, D)."""
 
     def __init__(
@@ -196,22 +198,6 @@ class LookupViT(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict:
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"global_pool={global_pool!r}: LookupViT supports 'avg' or ''")
-            self.global_pool = global_pool
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     def _embed(self, x: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
         """Image -> (compressed tokens (B, M, D), lookup tokens (B, N, D), lookup grid size)."""

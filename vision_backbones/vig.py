@@ -23,11 +23,18 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, LayerNorm2d, RmsNorm, resample_abs_pos_embed, trunc_normal_
+from timm.layers import (
+    DropPath,
+    LayerNorm2d,
+    RmsNorm,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from ._classifier import ClassifierHeadMixin
 from .ops.elementwise import log_sigmoid
 from .ops.gla import bidirectional_gated_linear_attention
 
@@ -146,7 +153,7 @@ class ViGBlock(nn.Module):
         return x + self.drop_path(self.mlp(self.mlp_norm(x)))
 
 
-class ViG(nn.Module):
+class ViG(ClassifierHeadMixin, nn.Module):
     """Plain (isotropic) ViG. ``forward_features`` returns normalised patch tokens (batch, H*W, dim); the head
     averages them (``global_pool="avg"``, or ``""`` for no pooling)."""
 
@@ -215,22 +222,6 @@ class ViG(nn.Module):
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^pos_embed|patch_embed", blocks=[(r"^blocks\.(\d+)", None), (r"^norm", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("avg", ""):
-                raise ValueError(f"ViG: global_pool must be 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ----- forward -----
     def _embed(self, x: torch.Tensor) -> Tuple[torch.Tensor, Tuple[int, int]]:

@@ -23,11 +23,18 @@ from typing import Dict, List, Optional, Tuple, Union
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from timm.layers import DropPath, RmsNorm, resample_abs_pos_embed, trunc_normal_, lecun_normal_
-from timm.models import build_model_with_cfg, register_model, generate_default_cfgs
+from timm.layers import (
+    DropPath,
+    RmsNorm,
+    lecun_normal_,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
+from ._classifier import ClassifierHeadMixin
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 
@@ -140,13 +147,15 @@ class VimBlock(nn.Module):
         return hidden, residual
 
 
-class Vim(nn.Module):
+class Vim(ClassifierHeadMixin, nn.Module):
     """Vision Mamba with a middle class token (see the module docstring).
 
     ``forward_features`` returns the normalised tokens (batch, 1 + M, dim), class token first; ``global_pool`` is
     ``"token"`` (the class token, as the official models), ``"avg"`` (mean of the patch tokens) or ``""`` (no
     pooling). Any input size works: position embeddings are resampled around the middle token.
     """
+
+    global_pools = ("token", "avg", "")
 
     def __init__(
             self,
@@ -226,22 +235,6 @@ class Vim(nn.Module):
     def group_matcher(self, coarse: bool = False):
         return dict(stem=r"^cls_token|pos_embed|patch_embed",
                     blocks=[(r"^layers\.(\d+)", None), (r"^norm_f", (99999,))])
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None) -> None:
-        self.num_classes = num_classes
-        if global_pool is not None:
-            if global_pool not in ("token", "avg", ""):
-                raise ValueError(f"Vim: global_pool must be 'token', 'avg' or '', got {global_pool!r}")
-            self.global_pool = global_pool
-        self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # ----- forward -----
     def _pos_embed_for(self, grid: Tuple[int, int]) -> torch.Tensor:
