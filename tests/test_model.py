@@ -232,3 +232,23 @@ def test_eager_backend_matches_sdpa(mode):
         real = inputs["attention_mask"].bool()  # padding positions hold backend-specific garbage
         torch.testing.assert_close(sdpa(**inputs).logits[real], eager(**inputs).logits[real], atol=1e-5, rtol=1e-4)
     assert torch.equal(generate(eager, inputs), generate(eager, inputs, use_cache=False))
+
+
+def test_a_timm_instance_as_the_tower(tmp_path):
+    import timm
+
+    from vlm import VLMConfig
+    from vlm.testing import tiny_text_config
+
+    kwargs = {"img_size": 32, "patch_size": 8, "depth": 2, "embed_dim": 32, "num_heads": 2}
+    tower = timm.create_model("vit_tiny_patch16_224", num_classes=0, **kwargs)
+    config = VLMConfig(vision="vit_tiny_patch16_224", vision_kwargs=kwargs, text_config=tiny_text_config(), image_token_id=5)
+    model = VisionLanguageModel(config, vision_model=tower).eval()
+    assert model.vision_tower.model is tower
+    pixels = torch.randn(1, 3, 32, 32)
+    model.save_pretrained(tmp_path)
+    loaded = VisionLanguageModel.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert torch.equal(model.get_image_features(pixels), loaded.get_image_features(pixels))
+    with pytest.raises(ValueError, match="vision_model is a davit_tiny"):
+        VisionLanguageModel(config, vision_model=timm.create_model("davit_tiny", num_classes=0))

@@ -38,12 +38,19 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
     _supports_attention_backend = True
     _no_split_modules = []
 
-    def __init__(self, config: VLMConfig):
+    def __init__(self, config: VLMConfig, vision_model: nn.Module | None = None):
+        """`vision_model`: an already built timm model to use as the tower (e.g. with weights of your own);
+        `config.vision` / `vision_kwargs` must describe it, so that a saved model can rebuild it."""
         check_attention_backend(config.attention_mode, config._attn_implementation)
         super().__init__(config)
+        if vision_model is not None:
+            architecture = getattr(vision_model, "pretrained_cfg", {}).get("architecture")
+            if architecture and architecture != config.vision:
+                raise ValueError(f"vision_model is a {architecture} but config.vision is {config.vision!r}")
         self.vision_tower = VisionTower(
-            config.vision, config.vision_feature_layer, config.vision_keep_prefix_tokens,
-            model_kwargs=config.vision_kwargs, pretrained_file=config.vision_pretrained_file,
+            vision_model if vision_model is not None else config.vision, config.vision_feature_layer,
+            config.vision_keep_prefix_tokens, model_kwargs=config.vision_kwargs,
+            pretrained_file=config.vision_pretrained_file,
         )
         if config.vision_hidden_size is None or config.vision_num_tokens is None or config.image_size is None:
             self._measure_vision_tower()
