@@ -25,7 +25,7 @@ from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ._classifier import ClassifierHeadMixin
+from ._common import ClassifierHeadMixin, init_linear_weights, unwrap_state_dict
 from .ops.routing_attention import BiLevelRoutingAttention, multi_head_attention
 
 
@@ -140,15 +140,7 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
         self.norm = nn.BatchNorm2d(embed_dims[-1])
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dims[-1], num_classes) if num_classes > 0 else nn.Identity()
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            # trunc_normal_(std=.02) with its default +-2 bounds never truncates: a plain normal is the same, faster.
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        self.apply(init_linear_weights)
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set:
@@ -229,10 +221,7 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
 def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:
     """Adapt an official BiFormer checkpoint: unwrap `{"model": ...}` / `{"state_dict": ...}`, drop a DDP
     `module.` prefix. The module layout is the official one, so keys are otherwise unchanged."""
-    for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    return {k.removeprefix("module."): v for k, v in state_dict.items()}
+    return unwrap_state_dict(state_dict)
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:

@@ -45,7 +45,7 @@ from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ._classifier import ClassifierHeadMixin
+from ._common import ClassifierHeadMixin, init_linear_weights, unwrap_state_dict
 
 GridSize = int | tuple[int, int]
 
@@ -169,15 +169,7 @@ class LookupViT(ClassifierHeadMixin, nn.Module):
         self.head_drop = nn.Dropout(drop_rate)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         nn.init.normal_(self.pos_embed, std=0.02)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(module: nn.Module) -> None:
-        if isinstance(module, nn.Linear):
-            # trunc_normal_(std=.02) with its default +-2 bounds never truncates: a plain normal is the same, faster.
-            nn.init.normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
+        self.apply(init_linear_weights)
 
     def set_compressed_grid(self, grid: GridSize) -> None:
         """Set the default compressed-token grid (int m for m x m, or (h, w)) used when a call does not pass one."""
@@ -275,10 +267,7 @@ class LookupViT(ClassifierHeadMixin, nn.Module):
 
 def checkpoint_filter_fn(state_dict: dict, model: LookupViT) -> dict:
     """Unwrap `{"model": ...}` / `{"state_dict": ...}` and resample `pos_embed` to the model's patch grid."""
-    for wrapper in ("model", "state_dict"):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], dict):
-            state_dict = state_dict[wrapper]
-    state_dict = {k.removeprefix("module."): v for k, v in state_dict.items()}
+    state_dict = unwrap_state_dict(state_dict)
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         old_side = int(round(pos_embed.shape[1] ** 0.5))

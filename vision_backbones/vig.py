@@ -34,7 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from ._classifier import ClassifierHeadMixin
+from ._common import ClassifierHeadMixin, unwrap_state_dict
 from .ops.elementwise import log_sigmoid
 from .ops.gla import bidirectional_gated_linear_attention
 
@@ -299,11 +299,8 @@ class ViG(ClassifierHeadMixin, nn.Module):
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ViG) -> Dict[str, torch.Tensor]:
     """Adapt an official ViG state dict: unwrap ``model`` if present (the official loader accepts both layouts),
     resize ``pos_embed`` to the model's grid, drop the classifier when the model has none."""
-    if isinstance(state_dict.get("model"), dict):
-        state_dict = state_dict["model"]
     out = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+    for key, value in unwrap_state_dict(state_dict).items():
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             side = int(math.isqrt(value.shape[1]))
             if side * side != value.shape[1]:

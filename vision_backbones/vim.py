@@ -34,7 +34,7 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from ._classifier import ClassifierHeadMixin
+from ._common import ClassifierHeadMixin, unwrap_state_dict
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 
@@ -366,23 +366,14 @@ def load_official_checkpoint(path: str) -> Dict[str, torch.Tensor]:
             f"{path}: refusing to unpickle objects other than tensors and argparse.Namespace ({error}). If you "
             "trust the file, convert it once with `sd = torch.load(path, weights_only=False)['model']; "
             "torch.save(sd, 'vim_weights.pth')` and load the converted file.") from error
-    return _unwrap(checkpoint_obj)
-
-
-def _unwrap(checkpoint_obj) -> Dict[str, torch.Tensor]:
-    for key in ("model", "state_dict", "model_ema"):
-        if isinstance(checkpoint_obj, dict) and isinstance(checkpoint_obj.get(key), dict):
-            return checkpoint_obj[key]
-    return checkpoint_obj
+    return unwrap_state_dict(checkpoint_obj)
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Vim) -> Dict[str, torch.Tensor]:
     """Adapt an official Vim state dict: unwrap ``model``, resample ``pos_embed`` around the middle class token,
     and drop the classifier when the model has none. Keys are otherwise identical."""
-    state_dict = _unwrap(state_dict)
     out = {}
-    for key, value in state_dict.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+    for key, value in unwrap_state_dict(state_dict).items():
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             old_tokens = value.shape[1] - 1
             side = int(math.isqrt(old_tokens))

@@ -189,7 +189,9 @@ def selective_scan_numba(u, delta, A, B, C, D=None, z=None, delta_bias=None, del
 
     Raises ImportError when numba is not installed.
     """
-    from .selective_scan_numba import scan_kernel  # lazy: numba is optional and compiles on first use
+    from .selective_scan_numba import (
+        scan_kernel,  # lazy: numba is optional and compiles on first use
+    )
 
     _check_shapes(u, A, B, C)
     if u.device.type != "cpu":

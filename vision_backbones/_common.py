@@ -1,4 +1,4 @@
-"""The timm classifier plumbing that LookupViT, BiFormer, Vim and ViG share."""
+"""What LookupViT, BiFormer, Vim and ViG share: timm classifier plumbing, weight init, checkpoint unwrapping."""
 
 import torch
 from torch import nn
@@ -26,3 +26,22 @@ class ClassifierHeadMixin:
             self.global_pool = global_pool
         self.num_classes = num_classes
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def init_linear_weights(module: nn.Module) -> None:
+    """timm's ViT init for Linear layers (apply with `model.apply`)."""
+    if isinstance(module, nn.Linear):
+        # trunc_normal_(std=.02) with its default +-2 bounds never truncates: a plain normal is the same, faster.
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def unwrap_state_dict(checkpoint: dict) -> dict:
+    """The model weights of an official checkpoint: unwrap `{"model" | "state_dict" | "model_ema": ...}` and drop
+    a DDP `module.` prefix."""
+    for wrapper in ("model", "state_dict", "model_ema"):
+        if isinstance(checkpoint.get(wrapper), dict):
+            checkpoint = checkpoint[wrapper]
+            break
+    return {key.removeprefix("module."): value for key, value in checkpoint.items()}
