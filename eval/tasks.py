@@ -35,6 +35,19 @@ def _require_answers(answered: list, errors: list[dict], what: str):
         raise RuntimeError(f"no {what} could be answered; first error: {first}")
 
 
+def _answer_questions(task: str, what: str, model, processor, requests: list[Request], answers_path,
+                      prompt_suffix: str, generation_kwargs, batch_size: int, overwrite: bool, progress: bool,
+                      model_name) -> tuple[list[dict], list[dict]]:
+    """Answer (or resume answering) questions keyed by `question_id` -> `(answered, errors)`; refuses when
+    nothing could be answered."""
+    settings = _settings(task, model, model_name, "<image>\n{question}" + prompt_suffix)
+    records = run_requests(model, processor, requests, answers_path, "question_id", settings, generation_kwargs,
+                           batch_size, overwrite, progress)
+    answered, errors = split_errors(records)
+    _require_answers(answered, errors, what)
+    return answered, errors
+
+
 def run_pope(model, processor, questions: list[dict], image_root, answers_path, batch_size: int = 8,
              generation_kwargs: dict | None = None, convention: str = "official", prompt_suffix: str = "",
              overwrite: bool = False, progress: bool = False, model_name: str | None = None) -> dict:
@@ -45,11 +58,8 @@ def run_pope(model, processor, questions: list[dict], image_root, answers_path, 
                 q["text"] + prompt_suffix, [resolve_image_path(image_root, q["image"])])
         for q in questions
     ]
-    settings = _settings("pope", model, model_name, "<image>\n{question}" + prompt_suffix)
-    records = run_requests(model, processor, requests, answers_path, "question_id", settings, generation_kwargs,
-                           batch_size, overwrite, progress)
-    answered, errors = split_errors(records)
-    _require_answers(answered, errors, "POPE question")
+    answered, errors = _answer_questions("pope", "POPE question", model, processor, requests, answers_path,
+                                         prompt_suffix, generation_kwargs, batch_size, overwrite, progress, model_name)
     answers = {record["question_id"]: record["answer"] for record in answered}
     kept = [q for q in questions if q["question_id"] in answers]
     return _with_errors(evaluate_pope(kept, answers, convention), errors, answers_path)
@@ -108,11 +118,8 @@ def run_vqa(model, processor, questions: list[dict], answers_path, prompt_suffix
     string for exact match, or the human answers for VQAv2 soft accuracy) and score them with `eval.vqa`."""
     requests = [Request({"question_id": q["question_id"], "question": q["question"], "references": q["answers"]},
                         q["question"] + prompt_suffix, [q["image"]]) for q in questions]
-    settings = _settings("vqa", model, model_name, "<image>\n{question}" + prompt_suffix)
-    records = run_requests(model, processor, requests, answers_path, "question_id", settings, generation_kwargs,
-                           batch_size, overwrite, progress)
-    answered, errors = split_errors(records)
-    _require_answers(answered, errors, "VQA question")
+    answered, errors = _answer_questions("vqa", "VQA question", model, processor, requests, answers_path,
+                                         prompt_suffix, generation_kwargs, batch_size, overwrite, progress, model_name)
     references = {q["question_id"]: q["answers"] for q in questions}
     metrics = vqa_accuracy([r["answer"] for r in answered], [references[r["question_id"]] for r in answered])
     per_question = dict(zip((r["question_id"] for r in answered), metrics.pop("per_question")))
