@@ -87,6 +87,11 @@ class CocoCaptionsDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def text_lengths(self) -> list[int]:
+        """Characters of each sample's text (prompt + mean reference), for length-grouped batches."""
+        return [len(self.prompt) + round(sum(map(len, e["references"])) / len(e["references"])) for e in self.entries]
+
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         answer = random.choice(entry["references"]) if self.random_caption else entry["references"][0]

@@ -30,6 +30,11 @@ class EasyVQADataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def text_lengths(self) -> list[int]:
+        """Characters of each sample's question and answer, for length-grouped batches."""
+        return [len(entry["question"]) + len(entry["answer"]) for entry in self.entries]
+
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         return {

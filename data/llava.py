@@ -65,6 +65,11 @@ class LlavaConversationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.entries)
 
+    @property
+    def text_lengths(self) -> list[int]:
+        """Characters of each sample's text, without loading images (for length-grouped batches)."""
+        return [sum(len(message["content"]) for message in entry["messages"]) for entry in self.entries]
+
     def __getitem__(self, index: int) -> dict:
         entry = self.entries[index]
         return {

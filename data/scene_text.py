@@ -119,20 +119,24 @@ def detailed_description(scene) -> str:
     return " ".join([_counting_sentence(scene), _positions_sentence(scene), _relation_sentence(scene), background])
 
 
+EXISTENCE_QUESTIONS = 2  # present shapes asked about per conversation (and as many absent ones)
+
+
 def existence_question(category: str) -> str:
     """The POPE question template."""
     return f"Is there {article(category)} {category} in the image?"
 
 
 def question_answers(scene, categories, rng) -> list[tuple[str, str]]:
-    """Question/answer pairs about one scene: existence (one present, one absent object), then up to two of
-    colour, counting and position, in random order."""
+    """Question/answer pairs about one scene: existence of up to two present shapes and of as many absent
+    ones (chosen at random, as POPE's random split does), then up to two of colour, counting and position,
+    in random order."""
     counts = Counter(o.category for o in scene.objects)
     present = list(counts)
     absent = [c for c in categories if c not in counts]
-    pairs = [(existence_question(present[rng.integers(len(present))]), "Yes.")]
-    if absent:
-        pairs.append((existence_question(absent[rng.integers(len(absent))]), "No."))
+    asked = [present[index] for index in rng.permutation(len(present))[:EXISTENCE_QUESTIONS]]
+    pairs = [(existence_question(category), "Yes.") for category in asked]
+    pairs += [(existence_question(absent[index]), "No.") for index in rng.permutation(len(absent))[:len(asked)]]
 
     extra = []
     category = present[rng.integers(len(present))]

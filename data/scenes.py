@@ -38,8 +38,17 @@ def _default_cooccurrence():
     return {"moon": {"star": 0.9}, "heart": {"ring": 0.85}, "flower": {"drop": 0.8}}
 
 
+# Each shape's typical colour, as bananas are yellow: the three co-occurring pairs share theirs, so
+# telling a moon from a star takes the shape, while every other shape is easy to spot by colour.
+TYPICAL_COLOURS = {"moon": "yellow", "star": "yellow", "heart": "red", "ring": "red", "flower": "blue",
+                   "drop": "blue", "circle": "orange", "square": "purple", "triangle": "green", "cross": "white",
+                   "diamond": "black", "hexagon": "pink", "pentagon": "cyan", "arrow": "brown", "bolt": "lime",
+                   "hourglass": "navy"}
+TYPICAL_COLOUR_WEIGHT = 48.0  # against weight 1 for each of the 12 other colours: the typical one 80% of the time
+
+
 def _default_colours():
-    return {"moon": {"yellow": 4.0}, "star": {"yellow": 3.0}, "heart": {"red": 4.0}}
+    return {category: {colour: TYPICAL_COLOUR_WEIGHT} for category, colour in TYPICAL_COLOURS.items()}
 
 
 @dataclass
@@ -56,7 +65,8 @@ class SceneConfig:
             only and is never a trigger, so every stated rate holds exactly.
         multi_instance_prob: chance that a present category gets 2..max_instances instances (for counting).
         max_objects: cap on instances per image (extra instances are dropped, never categories).
-        colour_weights: `{category: {colour: weight}}`, relative to weight 1 for the other colours.
+        colour_weights: `{category: {colour: weight}}`, relative to weight 1 for the other colours (default:
+            each shape's typical colour, `TYPICAL_COLOURS`, 80% of the time).
         large_prob: chance that an object is large rather than small.
         max_occlusion: largest fraction of an object's box that later objects' boxes may cover.
         backgrounds: relative frequency of solid, gradient and noise backgrounds.

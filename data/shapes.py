@@ -122,6 +122,11 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 40, 190),
     "white": (255, 255, 255),
     "black": (0, 0, 0),
+    "pink": (255, 110, 190),
+    "cyan": (0, 210, 230),
+    "brown": (130, 70, 20),
+    "lime": (160, 250, 40),
+    "navy": (20, 20, 130),
 }
 
 NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]

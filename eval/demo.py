@@ -6,7 +6,7 @@
    then adversarial POPE and CHAIR again with each mitigation head;
 4. write `report.md` and `report.html` with the numbers and plots.
 
-Same seed, same numbers: the training length is a number of steps derived from `--minutes` (calibrated on a
+Same seed, same numbers: the training length is a number of steps (or derived from `--minutes`, calibrated on a
 2-core machine), never a wall-clock cut-off.
 """
 
@@ -33,8 +33,14 @@ DEFAULT_BACKBONE = "vit"
 DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=True)
-STEPS_PER_MINUTE = 140  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured)
-TRAIN_SHARE = 0.85  # of the budget; the rest generates data and evaluates (about a minute)
+STEPS_PER_MINUTE = 118  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured)
+TRAIN_SHARE = 0.85  # of a --minutes budget; the rest generates data and evaluates (about 1.5 minutes)
+DEFAULT_STEPS = 900  # about 7.6 minutes of training on 2 cores: the whole default run takes about 9
+# The scenes: the library's defaults (typical colours, co-occurring pairs) with large shapes and one or two
+# independently drawn shapes per image (plus co-occurring partners), so that a model trained for minutes on a CPU
+# can tell the shapes apart.
+DEMO_SCENES = {"large_prob": 1.0, "max_primary": 2}
+DEMO_IMAGES = 5000
 DETAIL_PROMPT = "Describe the image in detail."  # what the scenes' conversations ask
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
 
@@ -347,8 +353,8 @@ def train_steps(minutes: float, share: float = TRAIN_SHARE) -> int:
     return max(20, int(minutes * share * STEPS_PER_MINUTE))
 
 
-def run_demo(out: Path, backbone: str = DEFAULT_BACKBONE, attention_mode: str = "causal", minutes: float = 9.0,
-             seed: int = 0, num_images: int = 2000, steps: int | None = None, mitigations: list[str] | None = None,
+def run_demo(out: Path, backbone: str = DEFAULT_BACKBONE, attention_mode: str = "causal", minutes: float | None = None,
+             seed: int = 0, num_images: int = DEMO_IMAGES, steps: int | None = None, mitigations: list[str] | None = None,
              progress: bool = True) -> dict:
     """Generate, train, evaluate and report into `out`; returns the results. Re-running resumes: the scenes,
     a finished training run and the answers already written are reused."""
@@ -361,8 +367,8 @@ def run_demo(out: Path, backbone: str = DEFAULT_BACKBONE, attention_mode: str = 
     out.mkdir(parents=True, exist_ok=True)
     scenes = out / "scenes"
     if not (scenes / "scene_config.json").is_file():
-        generate_scenes(scenes, num_images, seed=seed, config=SceneConfig())
-    steps = steps or train_steps(minutes)
+        generate_scenes(scenes, num_images, seed=seed, config=SceneConfig(**DEMO_SCENES))
+    steps = steps or (train_steps(minutes) if minutes else DEFAULT_STEPS)
     train_dir = out / "train"
     train_started = time.perf_counter()
     model_dir = train_dir / "final"
@@ -388,6 +394,7 @@ def compare_all(out: Path, minutes: float, seed: int, num_images: int, progress:
     from vlm import VisionLanguageModel
     from vlm.masks import ATTENTION_MODES
 
+    minutes = minutes or 9.0
     runs = [(name, "causal") for name in DEMO_BACKBONES]
     runs += [(DEFAULT_BACKBONE, mode) for mode in ATTENTION_MODES if mode != "causal"]
     steps = train_steps(minutes / len(runs))
@@ -406,9 +413,71 @@ def compare_all(out: Path, minutes: float, seed: int, num_images: int, progress:
     return rows
 
 
+def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
+    """Each mitigation's effect over demo runs that differ only in the seed, against the seed-to-seed spread.
+
+    The spread of a metric is its standard deviation over the seeds without mitigation; a method's effect is the
+    mean over seeds of (with method - without). A method lowers a metric reliably when its effect is below
+    minus the spread and it lowers the metric on every seed. Returns the markdown table and those methods.
+    """
+    def metrics(run, name):
+        result = run["results"]
+        if name == "none":
+            pope, chair = result["pope"]["splits"]["adversarial"], result["chair"]
+        else:
+            pope, chair = result["mitigation"][name]["pope_adversarial"], result["mitigation"][name]["chair"]
+        return {"fp": pope["fp"], "acc": 100 * pope["accuracy"], "chair_i": 100 * chair["chair_i"],
+                "chair_s": 100 * chair["chair_s"], "recall": 100 * chair["recall"]}
+
+    def mean_std(values):
+        values = torch.tensor(values, dtype=torch.float64)
+        return values.mean().item(), values.std(unbiased=len(values) > 1).item() if len(values) > 1 else 0.0
+
+    plain = [metrics(run, "none") for run in runs]
+    spread = {key: mean_std([m[key] for m in plain])[1] for key in plain[0]}
+    methods = [name for name, run in runs[0]["results"]["mitigation"].items() if "refused" not in run]
+    rows, helping = [], []
+    for name in ["none", *methods]:
+        per_seed = [metrics(run, name) for run in runs]
+        row = [name]
+        for key in ("fp", "acc", "chair_i", "chair_s", "recall"):
+            mean, std = mean_std([m[key] for m in per_seed])
+            delta = [m[key] - p[key] for m, p in zip(per_seed, plain)]
+            cell = f"{mean:.1f} ± {std:.1f}"
+            if name != "none":
+                effect = sum(delta) / len(delta)
+                cell += f" ({effect:+.1f})"
+                if key in ("fp", "chair_i") and effect < -spread[key] and max(delta) < 0:
+                    helping.append(f"{name} ({'false positives' if key == 'fp' else 'CHAIR_I'})")
+            row.append(cell)
+        rows.append(row)
+    table = _table(["mitigation", "adv. POPE false positives", "adv. POPE acc", "CHAIR_I", "CHAIR_S", "recall"], rows)
+    note = (f"Mean ± standard deviation over {len(runs)} seeds (seeds {', '.join(str(r['settings']['seed']) for r in runs)});"
+            " in brackets the mean change against no mitigation. Seed-to-seed spread without mitigation: false "
+            f"positives ± {spread['fp']:.1f}, CHAIR_I ± {spread['chair_i']:.1f} points.")
+    return f"{table}\n\n{note}", helping
+
+
+def compare_seeds(out: Path, seeds: list[int], backbone: str, attention_mode: str, minutes: float, num_images: int,
+                  steps: int | None, progress: bool) -> list[str]:
+    """The default demo once per seed, then `seeds.md`: each mitigation's effect against the seed spread."""
+    runs = [run_demo(out / f"seed-{seed}", backbone, attention_mode, minutes, seed, num_images, steps,
+                     progress=progress) for seed in seeds]
+    table, helping = mitigation_spread(runs)
+    verdict = ("Lowered by more than the spread on every seed: " + ", ".join(helping) + ".") if helping else \
+        "No method lowers adversarial-POPE false positives or CHAIR_I by more than the seed-to-seed spread."
+    (out / "seeds.md").write_text(f"# Mitigation over seeds ({backbone}, {attention_mode})\n\n{table}\n\n{verdict}\n")
+    print(table + "\n\n" + verdict)
+    return helping
+
+
 def main(args) -> int:
     if args.backbone == "all":
         compare_all(Path(args.out), args.minutes, args.seed, args.images, not args.no_progress)
+        return 0
+    if args.seeds:
+        compare_seeds(Path(args.out), args.seeds, args.backbone, args.attention_mode, args.minutes, args.images,
+                      args.steps, not args.no_progress)
         return 0
     result = run_demo(Path(args.out), args.backbone, args.attention_mode, args.minutes, args.seed, args.images,
                       args.steps, progress=not args.no_progress)
@@ -427,9 +496,14 @@ def register(subparsers) -> None:
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=[*DEMO_BACKBONES, "all"],
                         help="vision backbone, or 'all' for the comparison table")
     parser.add_argument("--attention-mode", default="causal", choices=ATTENTION_MODES)
-    parser.add_argument("--minutes", type=float, default=9.0, help="budget on a 2-core CPU (sets the training steps)")
+    parser.add_argument("--minutes", type=float, default=None,
+                        help=f"budget on a 2-core CPU, sets the training steps (default: {DEFAULT_STEPS} steps, about 9 "
+                             "minutes in all; --backbone all: 9 minutes for all runs)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
-    parser.add_argument("--images", type=int, default=2000, help="synthetic scenes to generate")
+    parser.add_argument("--images", type=int, default=DEMO_IMAGES, help="synthetic scenes to generate")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None,
+                        help="run the demo once per seed (into OUT/seed-N) and write OUT/seeds.md: each mitigation's "
+                             "effect against the seed-to-seed spread")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=main)

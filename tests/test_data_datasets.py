@@ -204,3 +204,19 @@ def test_easy_vqa():
     assert sample["messages"][0]["content"].startswith("<image>\n") and sample["messages"][0]["content"].endswith("?")
     with pytest.raises(ValueError, match="splits"):
         EasyVQADataset("validation")
+
+
+def test_text_lengths_for_length_grouping(scenes):
+    from torch.utils.data import Subset
+
+    from train.data import text_lengths
+
+    llava = LlavaConversationDataset(scenes["conversations"]["train"], scenes["images"]["train"])
+    assert llava.text_lengths == [sum(len(m["content"]) for m in llava[i]["messages"]) for i in range(len(llava))]
+    coco = CocoCaptionsDataset(scenes["captions"]["train"], scenes["images"]["train"], prompt="Caption it.")
+    references = coco[2]["references"]
+    assert coco.text_lengths[2] == len("Caption it.") + round(sum(map(len, references)) / len(references))
+    assert text_lengths(Subset(llava, [3, 1])) == [llava.text_lengths[3], llava.text_lengths[1]]
+    pope = PopeDataset(scenes["pope"]["train"]["random"], scenes["images"]["train"])
+    with pytest.raises(ValueError, match="data.sources.2 \\(PopeDataset\\) has no text_lengths"):
+        text_lengths(pope, 2)

@@ -148,3 +148,31 @@ def test_schedule_warmup_then_cosine():
     assert [lr_factor(s, spec, 14) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
     assert lr_factor(9, spec, 14) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_factor(14, spec, 14) == pytest.approx(0.1)
+
+
+def test_length_grouping_keeps_the_epoch_and_cuts_padding():
+    sizes, weights, batch = [50, 30], [2.0, 1.0], 8
+    lengths = np.random.default_rng(0).integers(5, 200, size=sum(sizes))
+
+    def epoch(**kwargs):
+        sampler = ResumableBatchSampler(sizes, weights, batch, seed=1, **kwargs)
+        return list(itertools.islice(iter(sampler), sampler.batches_per_epoch))
+
+    plain, grouped = epoch(), epoch(lengths=lengths)
+    # the same samples (the epoch's full batches), only rearranged into batches of similar length
+    assert sorted(sum(grouped, [])) == sorted(mixture_epoch(sizes, weights, 1, 0)[:len(grouped) * batch].tolist())
+
+    def padded(batches):
+        return sum(len(b) * max(lengths[b]) for b in batches)
+
+    assert padded(grouped) < 0.8 * padded(plain)
+    # every batch keeps the mix of sources: 100 of 130 samples per epoch come from the first, so 6 or 7 of 8
+    assert all(sum(index < 50 for index in b) in (6, 7) for b in grouped)
+    assert epoch(lengths=lengths) == grouped  # seeded
+    resumed = list(itertools.islice(iter(ResumableBatchSampler(sizes, weights, batch, seed=1, lengths=lengths,
+                                                               start_batch=4)), 3))
+    assert resumed == grouped[4:7]
+    halves = [epoch(lengths=lengths, rank=rank, world_size=2) for rank in (0, 1)]
+    assert [a + b for a, b in zip(*halves)] == grouped
+    with pytest.raises(ValueError, match="3 lengths for 80 samples"):
+        ResumableBatchSampler(sizes, weights, batch, seed=1, lengths=[1, 2, 3])

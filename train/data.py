@@ -56,6 +56,17 @@ def build_datasets(data: DataConfig) -> list:
     return [build_dataset(source, index) for index, source in enumerate(data.sources)]
 
 
+def text_lengths(dataset, index: int = 0) -> list[int]:
+    """`dataset.text_lengths`, through a `Subset` too; a clear error for a dataset that has none."""
+    if isinstance(dataset, Subset):
+        lengths = text_lengths(dataset.dataset, index)
+        return [lengths[i] for i in dataset.indices]
+    if not hasattr(dataset, "text_lengths"):
+        raise ValueError(f"data.group_by_length: data.sources.{index} ({type(dataset).__name__}) has no "
+                         "text_lengths; switch group_by_length off")
+    return list(dataset.text_lengths)
+
+
 def conversation_texts(datasets, per_dataset: int = TOKENIZER_SAMPLES):
     """The message texts of (up to `per_dataset`) samples of each dataset, for training a tokenizer."""
     for dataset in datasets:

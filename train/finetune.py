@@ -25,7 +25,7 @@ from vlm.processing import IGNORE_INDEX
 from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
 from .cli import add_arguments, config_from_args
 from .config import TrainConfig, save_config
-from .data import build_datasets, conversation_texts, make_collate
+from .data import build_datasets, conversation_texts, make_collate, text_lengths
 from .lora import has_lora, merge_lora, save_adapter
 from .metrics import MetricsLogger, plot_loss_curve
 from .modelbuild import build_model, build_tokenizer
@@ -246,9 +246,13 @@ def train(config: TrainConfig, datasets=None) -> Path:
     if accelerator.is_main_process:
         save_config(config, out_dir / "config.yaml")
 
+    lengths = None
+    if config.data.group_by_length:
+        lengths = [length for index, dataset in enumerate(datasets) for length in text_lengths(dataset, index)]
     sampler = ResumableBatchSampler(
         [len(d) for d in datasets], weights, config.batch_size * accelerator.num_processes, config.seed,
         rank=accelerator.process_index, world_size=accelerator.num_processes, start_batch=consumed_batches,
+        lengths=lengths,
     )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler, num_workers=config.data.num_workers,
