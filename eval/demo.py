@@ -244,7 +244,8 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
     summary = (
         f"Trained `{settings['backbone']}` + `mlp2x_gelu` + a {DEMO_TEXT_CONFIG['num_hidden_layers']}-layer Llama-style "
         f"LLM from scratch for {settings['steps']} steps (attention mode `{settings['attention_mode']}`, seed "
-        f"{settings['seed']}), in {settings['train_seconds'] / 60:.1f} min; everything took "
+        f"{settings['seed']}), in {settings['train_seconds'] / 60:.1f} min; "
+        f"{'this re-run reused that model and took' if settings.get('reused_training') else 'everything took'} "
         f"{settings['total_seconds'] / 60:.1f} min.\n\n"
         f"- POPE random accuracy: **{_pct(random_accuracy)}%** (target ≥ 90%: "
         f"{'met' if random_accuracy >= 0.9 else 'missed'}).\n"
@@ -370,21 +371,25 @@ def run_demo(out: Path, backbone: str = DEFAULT_BACKBONE, attention_mode: str = 
         generate_scenes(scenes, num_images, seed=seed, config=SceneConfig(**DEMO_SCENES))
     steps = steps or (train_steps(minutes) if minutes else DEFAULT_STEPS)
     train_dir = out / "train"
-    train_started = time.perf_counter()
     model_dir = train_dir / "final"
-    if not (model_dir / "config.json").is_file():
+    timing = train_dir / "demo_train_seconds.json"  # so that a re-run reports the training time it reuses
+    reused = (model_dir / "config.json").is_file()
+    if not reused:
+        train_started = time.perf_counter()
         config = demo_train_config(train_dir, scenes, backbone, attention_mode, steps, seed)
         config.logging.progress = progress
         config.resume = (train_dir / "checkpoints").is_dir()
         model_dir = train(config)
-    train_seconds = time.perf_counter() - train_started
+        timing.write_text(json.dumps({"train_seconds": time.perf_counter() - train_started}))
+    train_seconds = json.loads(timing.read_text())["train_seconds"] if timing.is_file() else float("nan")
     mitigations = list(METHOD_DEFAULTS) if mitigations is None else mitigations
     if mitigations:
         calibrate_heads(model_dir, scenes)
     results = evaluate_model(model_dir, scenes, out, mitigations, progress=progress)
     settings = {"backbone": backbone, "attention_mode": attention_mode, "seed": seed, "steps": steps,
                 "images": num_images, "train_dir": str(train_dir), "model_dir": str(model_dir),
-                "train_seconds": train_seconds, "total_seconds": time.perf_counter() - started}
+                "train_seconds": train_seconds, "reused_training": reused,
+                "total_seconds": time.perf_counter() - started}
     write_report(out, results, settings, scenes)
     return {"settings": settings, "results": results}
 
