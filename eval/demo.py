@@ -436,7 +436,7 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
 
     def mean_std(values):
         values = torch.tensor(values, dtype=torch.float64)
-        return values.mean().item(), values.std(unbiased=len(values) > 1).item() if len(values) > 1 else 0.0
+        return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
 
     plain = [metrics(run, "none") for run in runs]
     spread = {key: mean_std([m[key] for m in plain])[1] for key in plain[0]}
