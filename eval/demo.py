@@ -11,6 +11,7 @@ Same seed, same numbers: the training length is a number of steps (or derived fr
 """
 
 import json
+import statistics
 import time
 from collections import Counter
 from pathlib import Path
@@ -36,6 +37,7 @@ DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=3
 STEPS_PER_MINUTE = 118  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured)
 TRAIN_SHARE = 0.85  # of a --minutes budget; the rest generates data and evaluates (about 1.5 minutes)
 DEFAULT_STEPS = 900  # about 7.6 minutes of training on 2 cores: the whole default run takes about 9
+COMPARE_ALL_MINUTES = 9.0  # default budget of `--backbone all`, shared by all its runs
 # The scenes: the library's defaults (typical colours, co-occurring pairs) with large shapes and one or two
 # independently drawn shapes per image (plus co-occurring partners), so that a model trained for minutes on a CPU
 # can tell the shapes apart.
@@ -399,7 +401,7 @@ def compare_all(out: Path, minutes: float, seed: int, num_images: int, progress:
     from vlm import VisionLanguageModel
     from vlm.masks import ATTENTION_MODES
 
-    minutes = minutes or 9.0
+    minutes = minutes or COMPARE_ALL_MINUTES
     runs = [(name, "causal") for name in DEMO_BACKBONES]
     runs += [(DEFAULT_BACKBONE, mode) for mode in ATTENTION_MODES if mode != "causal"]
     steps = train_steps(minutes / len(runs))
@@ -435,8 +437,7 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
                 "chair_s": 100 * chair["chair_s"], "recall": 100 * chair["recall"]}
 
     def mean_std(values):
-        values = torch.tensor(values, dtype=torch.float64)
-        return values.mean().item(), (values.std().item() if len(values) > 1 else 0.0)
+        return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     plain = [metrics(run, "none") for run in runs]
     spread = {key: mean_std([m[key] for m in plain])[1] for key in plain[0]}
@@ -503,7 +504,7 @@ def register(subparsers) -> None:
     parser.add_argument("--attention-mode", default="causal", choices=ATTENTION_MODES)
     parser.add_argument("--minutes", type=float, default=None,
                         help=f"budget on a 2-core CPU, sets the training steps (default: {DEFAULT_STEPS} steps, about 9 "
-                             "minutes in all; --backbone all: 9 minutes for all runs)")
+                             f"minutes in all; --backbone all: {COMPARE_ALL_MINUTES:g} minutes for all runs)")
     parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
     parser.add_argument("--images", type=int, default=DEMO_IMAGES, help="synthetic scenes to generate")
     parser.add_argument("--seed", type=int, default=0)

@@ -52,8 +52,6 @@ def group_by_length(order: np.ndarray, lengths: np.ndarray, sources: np.ndarray,
             by_length = members[np.argsort(lengths[run[members]], kind="stable")]
             rank[by_length] = (np.arange(len(members)) + 0.5) / len(members)
         batches.append(run[np.argsort(rank, kind="stable")].reshape(-1, global_batch_size))
-    if not batches:
-        return order
     batches = np.concatenate(batches)
     return np.concatenate([batches[rng.permutation(len(batches))].reshape(-1), order[usable:]])
 
