@@ -76,3 +76,10 @@ def test_too_long_samples_are_refused_on_request(processor, samples):
         VLMCollator(processor, max_length=4)(samples)  # cutting would drop the image: refused, never silent
     with pytest.raises(ValueError, match="on_too_long"):
         VLMCollator(processor, on_too_long="drop")
+
+
+def test_trained_tokenizer_spends_one_token_per_role_header(processor):
+    """Role names are not in the corpus (message contents only), yet every rendered message starts with one."""
+    tokenizer = processor.tokenizer
+    header = tokenizer("<|im_start|>assistant\n<|im_start|>user\n", add_special_tokens=False)["input_ids"]
+    assert tokenizer.convert_ids_to_tokens(header) == ["<|im_start|>", "assistant", "Ċ", "<|im_start|>", "user", "Ċ"]

@@ -18,7 +18,10 @@ def demo(tmp_path_factory):
     return out, result
 
 
-DEMO_STEPS, DEMO_IMAGES = 30, 200
+# Long enough for the model to ground its yes/no answers (about 80% POPE random accuracy on 84 questions, on one
+# or two threads), about four minutes on two cores.
+DEMO_STEPS, DEMO_IMAGES = 800, 2000
+ABOVE_CHANCE = 65.0  # POPE random accuracy, %: 55 of 84 answers right or more by coin flips has odds of 1 in 330
 
 
 def test_report_has_every_section_and_its_pictures(demo):
@@ -40,7 +43,7 @@ def test_numbers_parse_back_and_are_sane(demo):
     pope = result["results"]["pope"]["splits"]
     for split, accuracy in rows.items():
         assert float(accuracy) == pytest.approx(100 * pope[split]["accuracy"], abs=0.05)
-    # (a shortened run is too short for the model to ground its answers: accuracy is only checked for sense)
+    assert float(rows["random"]) >= ABOVE_CHANCE
     assert all(0.0 <= float(accuracy) <= 100.0 for accuracy in rows.values())
     mitigation_rows = re.findall(r"^\| (none|pai|vcd) \| ([\d.]+) \|", report, flags=re.M)
     assert [name for name, _ in mitigation_rows] == ["none", "pai", "vcd"]

@@ -13,8 +13,20 @@ CHATML_TEMPLATE = (
 )
 
 
+ROLE_NAMES = "user\nassistant\nsystem"  # what the chat template writes after every <|im_start|>
+
+
+def _with_role_names(texts: Iterable[str]):
+    """The corpus with the role names once per text: every rendered message starts with one, and learnt as
+    whole tokens they cost one token per message instead of up to nine."""
+    for text in texts:
+        yield text
+        yield ROLE_NAMES
+
+
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts`, with ChatML and `<image>` special tokens."""
+    """A byte-level BPE tokenizer trained on `texts` (message contents), with ChatML and `<image>` special
+    tokens."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
@@ -22,7 +34,7 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedT
         vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.train_from_iterator(_with_role_names(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None,
         unk_token=None, additional_special_tokens=["<|endoftext|>", "<|im_start|>", "<image>"],
