@@ -2,7 +2,8 @@
 
 The processor does the tokenising, role tagging and label masking; the collator adds the length policy:
 samples longer than `max_length` tokens are cut from the end (answers go first, image tokens never) or
-refused, and every cut is counted.
+refused, and every cut is counted. `split_by_length` hands a batch back as length-sorted micro-batches,
+so that a training step pads less.
 """
 
 import warnings
@@ -31,6 +32,23 @@ class VLMCollator:
         self.num_truncated = 0
 
     def __call__(self, samples: list[dict]):
+        return self.processor.collate(self.encode(samples), _images(samples))
+
+    def split_by_length(self, samples: list[dict], parts: int) -> list:
+        """The batch as `parts` micro-batches (sizes differ by at most one) of samples of similar token length,
+        shortest first: each is padded only to its own longest sample."""
+        encoded = self.encode(samples)
+        order = sorted(range(len(samples)), key=lambda index: len(encoded[index]["input_ids"]))
+        size, extra = divmod(len(order), parts)
+        batches, start = [], 0
+        for part in range(parts):
+            chosen = order[start:start + size + (part < extra)]
+            start += len(chosen)
+            batches.append(self.processor.collate([encoded[i] for i in chosen], _images([samples[i] for i in chosen])))
+        return batches
+
+    def encode(self, samples: list[dict]) -> list[dict]:
+        """Each sample tokenised (with its roles and labels) and cut to `max_length` as the policy says."""
         encoded = []
         for sample in samples:
             try:
@@ -50,4 +68,8 @@ class VLMCollator:
                     warnings.warn(f"sample {sample.get('id', '?')} was cut to {self.max_length} tokens; further cuts "
                                   "are counted in VLMCollator.num_truncated", stacklevel=2)
             encoded.append(item)
-        return self.processor.collate(encoded, [image for sample in samples for image in sample["images"]])
+        return encoded
+
+
+def _images(samples: list[dict]) -> list:
+    return [image for sample in samples for image in sample["images"]]

@@ -68,6 +68,25 @@ def test_too_long_samples_are_truncated_and_counted(processor, samples):
         assert (batch["labels"][row] != IGNORE_INDEX).any()
 
 
+def test_split_by_length_keeps_every_sample_with_less_padding(processor, samples):
+    collator = VLMCollator(processor)
+    full = collator(samples)
+    parts = collator.split_by_length(samples, 3)
+    assert [len(part["input_ids"]) for part in parts] == [2, 1, 1]
+
+    def rows(batch):  # each sample's real tokens, labels and image (left padding: real tokens at the end)
+        for ids, labels, mask, pixels in zip(batch["input_ids"], batch["labels"], batch["attention_mask"],
+                                             batch["pixel_values"]):
+            real = mask == 1
+            yield tuple(ids[real].tolist()), tuple(labels[real].tolist()), round(float(pixels.sum()), 3)
+
+    assert sorted(row for part in parts for row in rows(part)) == sorted(rows(full))
+    lengths = [part["attention_mask"].sum(1).tolist() for part in parts]
+    assert all(max(shorter) <= min(longer) for shorter, longer in zip(lengths, lengths[1:]))
+    padded = sum(part["input_ids"].numel() for part in parts)
+    assert padded < full["input_ids"].numel()
+
+
 def test_too_long_samples_are_refused_on_request(processor, samples):
     collator = VLMCollator(processor, max_length=20, on_too_long="error")
     with pytest.raises(PromptTooLongError, match="sample 000000000001_qa has"):

@@ -79,6 +79,9 @@ class DataConfig:
     max_length: int | None = None
     # Batches of samples with similar text lengths (less padding, faster steps); the order stays seeded.
     group_by_length: bool = False
+    # Each batch cut into this many micro-batches of samples of similar length: the same samples and gradient
+    # as one batch, less padding.
+    split_by_length: int = 1
 
 
 @dataclass
@@ -171,6 +174,9 @@ class TrainConfig:
         for key, value in positive.items():
             if value < 1:
                 raise ConfigError(f"{key} must be at least 1, got {value}")
+        if not 1 <= self.data.split_by_length <= self.batch_size:
+            raise ConfigError(f"data.split_by_length must be between 1 and batch_size ({self.batch_size}), got "
+                              f"{self.data.split_by_length}")
         if self.model.init_from is None and self.model.llm is None and self.model.text_config is None:
             raise ConfigError("model: give init_from (a VLM folder), llm (an LLM folder) or text_config (from scratch)")
         if self.model.llm is not None and self.model.text_config is not None:

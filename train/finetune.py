@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -73,10 +74,14 @@ def _check_cpu_launch():
         )
 
 
-def _check_sharding(accelerator, config: TrainConfig):
-    """LoRA merging needs whole parameters on the main process: refuse set-ups that shard them."""
+def _check_distributed_setup(accelerator, config: TrainConfig):
+    """Refuse set-ups the run cannot serve: LoRA merging needs whole parameters on the main process, and
+    DeepSpeed a fixed micro-batch size."""
     kind = accelerator.distributed_type.value
     zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == "DEEPSPEED" else 0
+    if kind == "DEEPSPEED" and config.data.split_by_length > 1:
+        raise ValueError("data.split_by_length > 1 gives micro-batches of varying sizes, which DeepSpeed's fixed "
+                         "micro-batch size cannot describe: set it to 1 for DeepSpeed runs")
     if config.stage.name == "finetune" and config.stage.lora and (kind == "FSDP" or zero_stage == 3):
         raise ValueError(
             "a LoRA run merges its adapter on the main process, which needs whole (unsharded) parameters: use DDP "
@@ -156,7 +161,8 @@ def _save_final(model, processor, config: TrainConfig, out_dir: Path, base_dir: 
 
 def optimizer_step(accelerator, model, optimizer, micro_batches, config: TrainConfig, step: int,
                    trainable_params) -> tuple[float, float | None, int]:
-    """Forward/backward over the `grad_accum` micro-batches of one step, then one optimizer update.
+    """Forward/backward over the micro-batches of one step (`grad_accum` batches, each cut in
+    `data.split_by_length` parts), then one optimizer update.
 
     Returns (mean loss per answer token over the global batch, gradient norm before clipping, number of
     answer tokens in the global batch)."""
@@ -178,9 +184,10 @@ def optimizer_step(accelerator, model, optimizer, micro_batches, config: TrainCo
                     f"the loss is not finite at step {step} (NaN or inf): stopping. Lower the learning rate, "
                     "check the data, or train in float32 (precision=fp32)"
                 )
-            # DDP averages gradients over processes and accelerate divides the loss by grad_accum: undo both
-            # so the gradient is that of the mean over all answer tokens of the global batch.
-            accelerator.backward(loss_sum * (accelerator.num_processes * config.grad_accum / global_tokens))
+            # DDP averages gradients over processes and accelerate divides the loss by the number of micro-batches:
+            # undo both so the gradient is that of the mean over all answer tokens of the global batch.
+            accelerator.backward(loss_sum * (accelerator.num_processes * accelerator.gradient_accumulation_steps
+                                             / global_tokens))
             loss_total += loss_sum.detach()
             if accelerator.sync_gradients and config.optim.max_grad_norm:
                 grad_norm = float(accelerator.clip_grad_norm_(trainable_params, config.optim.max_grad_norm))
@@ -202,8 +209,8 @@ def train(config: TrainConfig, datasets=None) -> Path:
     config.validate(check_data=datasets is None)
     _check_cpu_launch()
     accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
-                              gradient_accumulation_steps=config.grad_accum)
-    _check_sharding(accelerator, config)
+                              gradient_accumulation_steps=config.grad_accum * config.data.split_by_length)
+    _check_distributed_setup(accelerator, config)
     out_dir, resume_from = _prepare_out_dir(config, accelerator)
     set_seed(config.seed)
 
@@ -256,7 +263,8 @@ def train(config: TrainConfig, datasets=None) -> Path:
     )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler, num_workers=config.data.num_workers,
-        collate_fn=make_collate(processor, config.data.max_length or processor.max_length),
+        collate_fn=partial(make_collate(processor, config.data.max_length or processor.max_length).split_by_length,
+                           parts=config.data.split_by_length),
         # its own generator: creating the iterator must not draw from the global RNG that the checkpoint restores
         generator=torch.Generator().manual_seed(config.seed),
     )
@@ -268,7 +276,7 @@ def train(config: TrainConfig, datasets=None) -> Path:
     set_train_mode(unwrapped)
     while step < config.max_steps:
         started = time.perf_counter()
-        micro_batches = [next(batches) for _ in range(config.grad_accum)]
+        micro_batches = [part for _ in range(config.grad_accum) for part in next(batches)]
         consumed_batches += config.grad_accum
         lr = config.optim.lr * scheduler.lr_lambdas[0](step)
         lrs = dict(zip([group["name"] for group in optimizer.param_groups], scheduler.get_last_lr()))
