@@ -38,9 +38,9 @@ DEFAULT_BACKBONE = "vit"
 DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=True)
-STEPS_PER_MINUTE = 260  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured: 248-279)
+STEPS_PER_MINUTE = 260  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured: 257-263)
 TRAIN_SHARE = 0.85  # of a --minutes budget; the rest generates data and evaluates (about 1.5 minutes)
-DEFAULT_STEPS = 2000  # 7.2-8.1 minutes of training on 2 cores (measured): the whole default run takes 8-9
+DEFAULT_STEPS = 2000  # 7.6-7.8 minutes of training on 2 cores (measured): the whole default run takes under 9
 COMPARE_ALL_MINUTES = 9.0  # default budget of `--backbone all`, shared by all its runs
 # The scenes: the library's defaults (typical colours, co-occurring pairs) with large shapes and one or two
 # independently drawn shapes per image (plus co-occurring partners), so that a model trained for minutes on a CPU

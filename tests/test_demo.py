@@ -18,8 +18,8 @@ def demo(tmp_path_factory):
     return out, result
 
 
-# Long enough for the model to ground its yes/no answers (about 80% POPE random accuracy on 84 questions, on one
-# or two threads), about four minutes on two cores.
+# Long enough for the model to ground its yes/no answers (80% POPE random accuracy on 84 questions, measured on one
+# thread), about three minutes on two cores.
 DEMO_STEPS, DEMO_IMAGES = 800, 2000
 ABOVE_CHANCE = 65.0  # POPE random accuracy, %: 55 of 84 answers right or more by coin flips has odds of 1 in 330
 
