@@ -8,6 +8,8 @@ so that a training step pads less.
 
 import warnings
 
+import numpy as np
+
 from vlm.processing import PromptTooLongError
 
 
@@ -39,13 +41,8 @@ class VLMCollator:
         shortest first: each is padded only to its own longest sample."""
         encoded = self.encode(samples)
         order = sorted(range(len(samples)), key=lambda index: len(encoded[index]["input_ids"]))
-        size, extra = divmod(len(order), parts)
-        batches, start = [], 0
-        for part in range(parts):
-            chosen = order[start:start + size + (part < extra)]
-            start += len(chosen)
-            batches.append(self.processor.collate([encoded[i] for i in chosen], _images([samples[i] for i in chosen])))
-        return batches
+        return [self.processor.collate([encoded[i] for i in chosen], _images([samples[i] for i in chosen]))
+                for chosen in np.array_split(order, parts)]
 
     def encode(self, samples: list[dict]) -> list[dict]:
         """Each sample tokenised (with its roles and labels) and cut to `max_length` as the policy says."""
