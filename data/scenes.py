@@ -44,11 +44,15 @@ TYPICAL_COLOURS = {"moon": "yellow", "star": "yellow", "heart": "red", "ring": "
                    "drop": "blue", "circle": "orange", "square": "purple", "triangle": "green", "cross": "white",
                    "diamond": "black", "hexagon": "pink", "pentagon": "cyan", "arrow": "brown", "bolt": "lime",
                    "hourglass": "navy"}
-TYPICAL_COLOUR_WEIGHT = 48.0  # against weight 1 for each of the 12 other colours: the typical one 80% of the time
 
 
-def _default_colours():
-    return {category: {colour: TYPICAL_COLOUR_WEIGHT} for category, colour in TYPICAL_COLOURS.items()}
+def typical_colour_weights(share: float = 0.8) -> dict[str, dict[str, float]]:
+    """`SceneConfig.colour_weights` giving each shape its typical colour `share` of the time (the other
+    colours, weight 1 each, share the rest)."""
+    if not 0.0 <= share < 1.0:
+        raise ValueError(f"typical colour share must lie in [0, 1), got {share}")
+    weight = round(share / (1.0 - share) * (len(COLOURS) - 1), 6)
+    return {category: {colour: weight} for category, colour in TYPICAL_COLOURS.items()}
 
 
 @dataclass
@@ -63,6 +67,9 @@ class SceneConfig:
         cooccurrence: `{trigger: {partner: rate}}`: when `trigger` was drawn, `partner` is present with
             probability `rate` exactly (added if missing, removed otherwise). A partner belongs to one rule
             only and is never a trigger, so every stated rate holds exactly.
+        eval_cooccurrence: rates for the same rules in every split but train (None: the training rates).
+            Lower rates put bias-conflicting images (a trigger without its partner) into val and test, the
+            images on which POPE's adversarial split asks about the missing partner.
         multi_instance_prob: chance that a present category gets 2..max_instances instances (for counting).
         max_objects: cap on instances per image (extra instances are dropped, never categories).
         colour_weights: `{category: {colour: weight}}`, relative to weight 1 for the other colours (default:
@@ -83,10 +90,11 @@ class SceneConfig:
     max_primary: int = 3
     category_weights: dict[str, float] = field(default_factory=_default_weights)
     cooccurrence: dict[str, dict[str, float]] = field(default_factory=_default_cooccurrence)
+    eval_cooccurrence: dict[str, dict[str, float]] | None = None
     multi_instance_prob: float = 0.15
     max_instances: int = 3
     max_objects: int = 6
-    colour_weights: dict[str, dict[str, float]] = field(default_factory=_default_colours)
+    colour_weights: dict[str, dict[str, float]] = field(default_factory=typical_colour_weights)
     large_prob: float = 0.5
     max_occlusion: float = 0.25
     backgrounds: dict[str, float] = field(default_factory=lambda: {"solid": 1.0, "gradient": 1.0, "noise": 1.0})
@@ -132,6 +140,14 @@ class SceneConfig:
                     raise ValueError(f"SceneConfig.cooccurrence: {partner!r} is a partner of both "
                                      f"{partners_seen[partner]!r} and {trigger!r}; the rates would conflict")
                 partners_seen[partner] = trigger
+        for trigger, partners in (self.eval_cooccurrence or {}).items():
+            for partner, rate in partners.items():
+                if partner not in self.cooccurrence.get(trigger, {}):
+                    raise ValueError(f"SceneConfig.eval_cooccurrence[{trigger!r}][{partner!r}]: not a rule of "
+                                     "`cooccurrence` (evaluation splits change the rates of its rules only)")
+                if not 0.0 <= rate <= 1.0:
+                    raise ValueError(f"SceneConfig.eval_cooccurrence[{trigger!r}][{partner!r}]={rate} is not a "
+                                     "probability")
         most_partners = sum(sorted((len(p) for p in self.cooccurrence.values()), reverse=True)[:self.max_primary])
         if self.max_objects < self.max_primary + most_partners:
             raise ValueError(f"SceneConfig.max_objects={self.max_objects} is below max_primary plus the partners "
@@ -200,15 +216,23 @@ def _weighted_choice(rng, names, weights: dict, default: float = 1.0):
     return names[rng.choice(len(names), p=p / p.sum())]
 
 
-def sample_categories(config: SceneConfig, rng) -> list[str]:
-    """The categories present in one image: an independent weighted draw, then the co-occurrence rules."""
+def cooccurrence_rates(config: SceneConfig, split: str) -> dict[str, dict[str, float]]:
+    """The co-occurrence rules of a split: the training rates, with `eval_cooccurrence` outside train."""
+    if split == "train" or not config.eval_cooccurrence:
+        return config.cooccurrence
+    return {trigger: {partner: config.eval_cooccurrence.get(trigger, {}).get(partner, rate)
+                      for partner, rate in partners.items()} for trigger, partners in config.cooccurrence.items()}
+
+
+def sample_categories(config: SceneConfig, rng, split: str = "train") -> list[str]:
+    """The categories present in one image: an independent weighted draw, then the split's co-occurrence rules."""
     names = list(config.categories)
     weights = np.array([config.category_weights.get(name, 1.0) for name in names], dtype=np.float64)
     count = int(rng.integers(config.min_primary, config.max_primary + 1))
     count = min(count, int(np.count_nonzero(weights)))
     drawn = [names[i] for i in rng.choice(len(names), size=count, replace=False, p=weights / weights.sum())]
     present = list(drawn)
-    for trigger, partners in config.cooccurrence.items():
+    for trigger, partners in cooccurrence_rates(config, split).items():
         if trigger not in drawn:
             continue
         for partner, rate in partners.items():
@@ -220,9 +244,9 @@ def sample_categories(config: SceneConfig, rng) -> list[str]:
     return present
 
 
-def sample_objects(config: SceneConfig, rng) -> list[SceneObject]:
+def sample_objects(config: SceneConfig, rng, split: str = "train") -> list[SceneObject]:
     """Categories, instance counts, colours and sizes of one image (no positions yet)."""
-    categories = sample_categories(config, rng)
+    categories = sample_categories(config, rng, split)
     counts = [int(rng.integers(2, config.max_instances + 1)) if rng.random() < config.multi_instance_prob else 1
               for _ in categories]
     while sum(counts) > config.max_objects:  # drop extra instances, never a whole category
@@ -304,10 +328,10 @@ def render_scene(scene: Scene, rng) -> Image.Image:
     return image
 
 
-def make_scene(image_id: int, seed: int, config: SceneConfig) -> Scene:
-    """The content and layout of image `image_id` (independent of every other image)."""
+def make_scene(image_id: int, seed: int, config: SceneConfig, split: str = "train") -> Scene:
+    """The content and layout of image `image_id` in `split` (independent of every other image)."""
     content = np.random.default_rng([seed, image_id, CONTENT])
-    objects = sample_objects(config, content)
+    objects = sample_objects(config, content, split)
     background = _weighted_choice(content, list(config.backgrounds), config.backgrounds)
     place_objects(objects, config.image_size, config.max_occlusion, np.random.default_rng([seed, image_id, LAYOUT]))
     return Scene(image_id, config.image_size, background, objects)
@@ -362,7 +386,7 @@ def generate_scenes(out_dir, num_images: int, seed: int = 0, config: SceneConfig
             image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations, caption_records, conversations = [], [], [], []
         for image_id in ids:
-            scene = make_scene(image_id, seed, config)
+            scene = make_scene(image_id, seed, config, split)
             file_name = f"{image_id:012d}.{config.image_format}"
             if render:
                 render_scene(scene, np.random.default_rng([seed, image_id, RENDER])).save(image_dir / file_name, **(

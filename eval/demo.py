@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from data.scenes import typical_colour_weights
+
 # Tiny vision towers at 64 px for each of the six backbones: (timm name, create_model kwargs, feature layer).
 # Each gives the LLM a 4x4 grid of image tokens (16-px patches, or a stride-16 stage of the hierarchical ones),
 # except LookupViT, whose idea is many cheap lookup tokens (8-px patches, 64) beside a few compressed ones.
@@ -40,12 +42,17 @@ DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=3
                         tie_word_embeddings=True)
 STEPS_PER_MINUTE = 260  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured: 257-263)
 TRAIN_SHARE = 0.85  # of a --minutes budget; the rest generates data and evaluates (about 1.5 minutes)
-DEFAULT_STEPS = 2000  # 7.6-7.8 minutes of training on 2 cores (measured): the whole default run takes under 9
+DEFAULT_STEPS = 2000  # 6.9-7.0 minutes of training on 2 cores (measured): the whole default run takes about 8
 COMPARE_ALL_MINUTES = 9.0  # default budget of `--backbone all`, shared by all its runs
-# The scenes: the library's defaults (typical colours, co-occurring pairs) with large shapes and one or two
-# independently drawn shapes per image (plus co-occurring partners), so that a model trained for minutes on a CPU
-# can tell the shapes apart.
-DEMO_SCENES = {"large_prob": 1.0, "max_primary": 2}
+# The scenes: the library's co-occurring pairs (moon -> star 90%, heart -> ring 85%, flower -> drop 80% in
+# training) with large shapes, one or two independently drawn shapes per image and each shape in its typical colour
+# 95% of the time, so that a model trained for minutes on a CPU can tell the shapes apart: such a model learns colour
+# long before shape, and each pair shares its colour, so only the pairs take the shape. Validation and test lower
+# the pair rates to one half, so that POPE's adversarial split asks about a missing partner on many images (at the
+# training rates it would find a handful), and POPE asks two questions per image, so images with two shapes count.
+DEMO_SCENES = {"large_prob": 1.0, "max_primary": 2, "colour_weights": typical_colour_weights(0.95),
+               "eval_cooccurrence": {"moon": {"star": 0.5}, "heart": {"ring": 0.5}, "flower": {"drop": 0.5}},
+               "pope_per_image": 2}
 DEMO_IMAGES = 5000
 DETAIL_PROMPT = "Describe the image in detail."  # what the scenes' conversations ask
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."
@@ -90,6 +97,7 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
     """All of step 3 on the scenes' test split; answers are resumable JSON lines under `out_dir/answers`."""
     from vlm import VisionLanguageModel, VLMProcessor
 
+    from .cooccurrence import CooccurrenceProbes
     from .pope import average_over_splits
     from .sources import scenes_captions, scenes_chair, scenes_pope, scenes_vqa
     from .tasks import run_captions, run_chair, run_pope, run_vqa
@@ -111,6 +119,13 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
     results["pope"]["average"] = average_over_splits(results["pope"]["splits"])
     results["chair"] = run_chair(model, processor, chair_images, chair_truth, vocabulary, answers / "chair.jsonl",
                                  prompt=DETAIL_PROMPT, generation_kwargs=caption_kwargs, **common)
+    probes = CooccurrenceProbes.from_scenes(scenes, "test")
+
+    def add_probes(pope_adversarial: dict, chair: dict) -> None:
+        pope_adversarial["cooccurrence_probes"] = probes.pope(pope_splits["adversarial"], pope_adversarial["answers_file"])
+        chair["cooccurrence_probes"] = probes.captions(chair["per_caption"])
+
+    add_probes(results["pope"]["splits"]["adversarial"], results["chair"])
     results["captions"] = run_captions(model, processor, caption_images, references, answers / "captions.jsonl",
                                        results_path=out_dir / "captions_results.json", prompt=CAPTION_PROMPT,
                                        generation_kwargs={"do_sample": False, "max_new_tokens": 40}, **common)
@@ -132,6 +147,7 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
             "chair": run_chair(model, processor, chair_images, chair_truth, vocabulary, answers / f"chair_{method}.jsonl",
                                prompt=DETAIL_PROMPT, generation_kwargs={**caption_kwargs, **kwargs}, **common),
         }
+        add_probes(run["pope_adversarial"], run["chair"])
         results["mitigation"][method] = run
         results["speed"][method] = decode_speed(model, processor, chair_images[:batch_size], kwargs["mitigation"])
     results["attention"] = attention_picture(model, processor, chair_images[0], vocabulary, out_dir)
@@ -212,6 +228,11 @@ def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.1f}"
 
 
+def _claimed(probes: dict) -> str:
+    """'30/32' partners claimed of the co-occurrence probes."""
+    return f"{probes['claimed']}/{probes['probes']}"
+
+
 def _pope_rows(results: dict) -> list[list[str]]:
     rows = []
     for split, result in results["pope"]["splits"].items():
@@ -227,12 +248,13 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, run in runs.items():
         if "refused" in run:
-            rows.append([name, "refused: " + run["refused"].split(":")[0]] + [""] * 8)
+            rows.append([name, "refused: " + run["refused"].split(":")[0]] + [""] * 10)
             continue
         pope, chair = run["pope_adversarial"], run["chair"]
         speed = results["speed"].get("plain" if name == "none" else name)
         rows.append([name, _pct(pope["accuracy"]), _pct(pope["f1"]), _pct(pope["yes_ratio"]), str(pope["fp"]),
-                     _pct(chair["chair_s"]), _pct(chair["chair_i"]), _pct(chair["recall"]), f"{chair['avg_len']:.1f}",
+                     _claimed(pope["cooccurrence_probes"]), _pct(chair["chair_s"]), _pct(chair["chair_i"]),
+                     _pct(chair["recall"]), _claimed(chair["cooccurrence_probes"]), f"{chair['avg_len']:.1f}",
                      f"{speed / plain_speed:.2f}x"])
     return rows
 
@@ -268,8 +290,15 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
     chair_text = (f"CHAIR_S {_pct(chair['chair_s'])}%, CHAIR_I {_pct(chair['chair_i'])}%, recall "
                   f"{_pct(chair['recall'])}%, average length {chair['avg_len']:.1f} words "
                   f"(prompt \"{DETAIL_PROMPT}\", greedy, 64 new tokens).")
-    mitigation = _table(["mitigation", "adv. POPE acc", "F1", "yes-ratio", "false positives", "CHAIR_S", "CHAIR_I",
-                         "recall", "length", "time/token"], _mitigation_rows(results))
+    mitigation = _table(["mitigation", "adv. POPE acc", "F1", "yes-ratio", "false positives", "partner claimed",
+                         "CHAIR_S", "CHAIR_I", "recall", "partner named", "length", "time/token"],
+                        _mitigation_rows(results))
+    probes = results["pope"]["splits"]["adversarial"]["cooccurrence_probes"]
+    caption_probes = results["chair"]["cooccurrence_probes"]
+    bias_text = (f"The co-occurrence bias, measured directly: of the {probes['probes']} adversarial questions about a "
+                 f"missing partner (a moon without its star, ...), the model answered yes to {probes['claimed']}; "
+                 f"its detailed descriptions name {caption_probes['claimed']} of {caption_probes['probes']} missing "
+                 "partners.")
     attention = results["attention"]
     attention_text = (f"Generated caption: \"{attention['caption']}\". Attention of the token that wrote "
                       f"\"{attention['word']}\" to the image tokens, averaged over heads and layers."
@@ -278,11 +307,12 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
         ("Summary", summary, []),
         ("Training", f"Loss per step (`{settings['train_dir']}/metrics.jsonl`).", ["loss.png"]),
         ("POPE (test split)", pope + "\n\nPopular and adversarial questions ask about frequent and co-occurring "
-         "shapes: the gap to random is what the co-occurrence bias creates.", ["pope_metrics.png", "pope_yes_ratio.png"]),
+         "shapes: the gap to random is what the co-occurrence bias creates. " + bias_text,
+         ["pope_metrics.png", "pope_yes_ratio.png"]),
         ("Captions (COCO caption metrics)", caption_table, []),
         ("CHAIR", chair_text, ["chair_vs_length.png"]),
-        ("Mitigation heads", mitigation + "\n\nAdversarial POPE and CHAIR with each decode-time method; time per "
-         "token relative to plain greedy decoding.", []),
+        ("Mitigation heads", mitigation + "\n\nAdversarial POPE and CHAIR with each decode-time method; partner "
+         "claimed / named: the co-occurrence probes above; time per token relative to plain greedy decoding.", []),
         ("Sample captions", "Test images with their generated detailed descriptions; hallucinated objects in red.",
          ["examples.png"]),
         ("Where the model looks", attention_text, [attention["plot"]] if attention.get("plot") else []),
@@ -439,12 +469,15 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
             pope, chair = result["pope"]["splits"]["adversarial"], result["chair"]
         else:
             pope, chair = result["mitigation"][name]["pope_adversarial"], result["mitigation"][name]["chair"]
-        return {"fp": pope["fp"], "acc": 100 * pope["accuracy"], "chair_i": 100 * chair["chair_i"],
+        return {"fp": pope["fp"], "probes": 100 * pope["cooccurrence_probes"]["rate"], "acc": 100 * pope["accuracy"],
+                "chair_i": 100 * chair["chair_i"], "named": 100 * chair["cooccurrence_probes"]["rate"],
                 "chair_s": 100 * chair["chair_s"], "recall": 100 * chair["recall"]}
 
     def mean_std(values):
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
+    columns = {"fp": "adv. POPE false positives", "probes": "partner claimed (POPE) %", "acc": "adv. POPE acc",
+               "chair_i": "CHAIR_I", "named": "partner named (captions) %", "chair_s": "CHAIR_S", "recall": "recall"}
     plain = [metrics(run, "none") for run in runs]
     spread = {key: mean_std([m[key] for m in plain])[1] for key in plain[0]}
     methods = [name for name, run in runs[0]["results"]["mitigation"].items() if "refused" not in run]
@@ -452,7 +485,7 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
     for name in ["none", *methods]:
         per_seed = [metrics(run, name) for run in runs]
         row = [name]
-        for key in ("fp", "acc", "chair_i", "chair_s", "recall"):
+        for key in columns:
             mean, std = mean_std([m[key] for m in per_seed])
             delta = [m[key] - p[key] for m, p in zip(per_seed, plain)]
             cell = f"{mean:.1f} ± {std:.1f}"
@@ -463,10 +496,12 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
                     helping.append(f"{name} ({'false positives' if key == 'fp' else 'CHAIR_I'})")
             row.append(cell)
         rows.append(row)
-    table = _table(["mitigation", "adv. POPE false positives", "adv. POPE acc", "CHAIR_I", "CHAIR_S", "recall"], rows)
+    table = _table(["mitigation", *columns.values()], rows)
     note = (f"Mean ± standard deviation over {len(runs)} seeds (seeds {', '.join(str(r['settings']['seed']) for r in runs)});"
             " in brackets the mean change against no mitigation. Seed-to-seed spread without mitigation: false "
-            f"positives ± {spread['fp']:.1f}, CHAIR_I ± {spread['chair_i']:.1f} points.")
+            f"positives ± {spread['fp']:.1f}, CHAIR_I ± {spread['chair_i']:.1f} points. Partner claimed / named: the "
+            "share of co-occurrence probes (a trigger such as a moon without its partner, the star) on which POPE's "
+            "answer or the caption claims the partner.")
     return f"{table}\n\n{note}", helping
 
 

@@ -18,10 +18,10 @@ def demo(tmp_path_factory):
     return out, result
 
 
-# Long enough for the model to ground its yes/no answers (80% POPE random accuracy on 84 questions, measured on one
-# thread), about three minutes on two cores.
+# Long enough for the model to ground its yes/no answers (88.9% POPE random accuracy, 10 of 13 missing partners
+# claimed, measured), about three minutes of training on two cores.
 DEMO_STEPS, DEMO_IMAGES = 800, 2000
-ABOVE_CHANCE = 65.0  # POPE random accuracy, %: 55 of 84 answers right or more by coin flips has odds of 1 in 330
+ABOVE_CHANCE = 65.0  # POPE random accuracy, %: 294 of its 452 answers right or more by coin flips has odds of 1e-10
 
 
 def test_report_has_every_section_and_its_pictures(demo):
@@ -47,6 +47,10 @@ def test_numbers_parse_back_and_are_sane(demo):
     assert all(0.0 <= float(accuracy) <= 100.0 for accuracy in rows.values())
     mitigation_rows = re.findall(r"^\| (none|pai|vcd) \| ([\d.]+) \|", report, flags=re.M)
     assert [name for name, _ in mitigation_rows] == ["none", "pai", "vcd"]
+    bias = re.search(r"of the (\d+) adversarial questions about a missing partner .*?answered yes to (\d+)", report)
+    probes = pope["adversarial"]["cooccurrence_probes"]
+    assert (int(bias.group(1)), int(bias.group(2))) == (probes["probes"], probes["claimed"])
+    assert 0 < probes["probes"] < pope["adversarial"]["n"] / 2
     saved = json.loads((out / "results.json").read_text())
     assert saved["settings"]["steps"] == DEMO_STEPS
     chair = saved["results"]["chair"]
@@ -75,8 +79,8 @@ def test_rerun_resumes_without_retraining(demo):
 def _fake_run(seed, plain, methods):
     """A demo result with only what the seed comparison reads: (false positives, accuracy, CHAIR_I) per method."""
     def entry(fp, accuracy, chair_i):
-        return {"pope_adversarial": {"fp": fp, "accuracy": accuracy},
-                "chair": {"chair_i": chair_i, "chair_s": 0.5, "recall": 0.7}}
+        return {"pope_adversarial": {"fp": fp, "accuracy": accuracy, "cooccurrence_probes": {"rate": 0.9}},
+                "chair": {"chair_i": chair_i, "chair_s": 0.5, "recall": 0.7, "cooccurrence_probes": {"rate": 0.8}}}
 
     plain_entry = entry(*plain)
     results = {"pope": {"splits": {"adversarial": plain_entry["pope_adversarial"]}}, "chair": plain_entry["chair"],

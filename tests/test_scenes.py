@@ -99,6 +99,33 @@ def test_cooccurrence_rates_are_reached(tmp_path):
     assert sum("star" in objects for objects in without) / len(without) < 0.25
 
 
+def test_eval_cooccurrence_changes_only_the_evaluation_splits(tmp_path):
+    """Train keeps the training rate; val and test reach the evaluation rate; the train split's bytes do not move."""
+    rules = {"category_weights": {"moon": 30.0}, "cooccurrence": {"moon": {"star": 0.9}}}
+    splits = {"train": 0.5, "val": 0.25, "test": 0.25}
+    biased = generate_scenes(tmp_path / "a", 2000, seed=3, render=False, config=SceneConfig(**rules, splits=splits))
+    probed = generate_scenes(tmp_path / "b", 2000, seed=3, render=False,
+                             config=SceneConfig(**rules, splits=splits, eval_cooccurrence={"moon": {"star": 0.4}}))
+    assert biased["instances"]["train"].read_bytes() == probed["instances"]["train"].read_bytes()
+
+    def star_rate_given_moon(path):
+        instances = json.loads(path.read_text())
+        names = {c["id"]: c["name"] for c in instances["categories"]}
+        present = {image["id"]: set() for image in instances["images"]}
+        for annotation in instances["annotations"]:
+            present[annotation["image_id"]].add(names[annotation["category_id"]])
+        with_moon = [objects for objects in present.values() if "moon" in objects]
+        assert len(with_moon) > 300
+        return sum("star" in objects for objects in with_moon) / len(with_moon)
+
+    assert abs(star_rate_given_moon(probed["instances"]["train"]) - 0.9) <= 0.04
+    for split in ("val", "test"):
+        assert abs(star_rate_given_moon(probed["instances"][split]) - 0.4) <= 0.06
+        assert abs(star_rate_given_moon(biased["instances"][split]) - 0.9) <= 0.06
+    with pytest.raises(ValueError, match=r"eval_cooccurrence\['moon'\]\['ring'\]: not a rule"):
+        SceneConfig(**rules, eval_cooccurrence={"moon": {"ring": 0.5}})
+
+
 def test_text_mentions_only_present_objects(tmp_path):
     paths = generate_scenes(tmp_path, 40, seed=2, config=SceneConfig(splits={"train": 1.0}))
     instances = json.loads(paths["instances"]["train"].read_text())
