@@ -11,6 +11,7 @@ Same seed, same numbers: the training length is a number of steps (or derived fr
 """
 
 import json
+import math
 import statistics
 import time
 from collections import Counter
@@ -469,11 +470,17 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
             pope, chair = result["pope"]["splits"]["adversarial"], result["chair"]
         else:
             pope, chair = result["mitigation"][name]["pope_adversarial"], result["mitigation"][name]["chair"]
-        return {"fp": pope["fp"], "probes": 100 * pope["cooccurrence_probes"]["rate"], "acc": 100 * pope["accuracy"],
-                "chair_i": 100 * chair["chair_i"], "named": 100 * chair["cooccurrence_probes"]["rate"],
-                "chair_s": 100 * chair["chair_s"], "recall": 100 * chair["recall"]}
+        return {"fp": pope["fp"], "probes": probe_pct(pope), "acc": 100 * pope["accuracy"],
+                "chair_i": 100 * chair["chair_i"], "named": probe_pct(chair), "chair_s": 100 * chair["chair_s"],
+                "recall": 100 * chair["recall"]}
+
+    def probe_pct(result):  # nan when a test split has no image breaking a pair rule
+        rate = result["cooccurrence_probes"]["rate"]
+        return math.nan if rate is None else 100 * rate
 
     def mean_std(values):
+        if any(math.isnan(value) for value in values):  # statistics.stdev refuses nan
+            return math.nan, math.nan
         return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
     columns = {"fp": "adv. POPE false positives", "probes": "partner claimed (POPE) %", "acc": "adv. POPE acc",

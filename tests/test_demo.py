@@ -106,3 +106,13 @@ def test_seed_spread_names_only_methods_beyond_the_spread():
     assert "| good | 32.0 ± 2.6 (-10.0) |" in table
     assert "paint" not in table
     assert "false positives ± 2.0, CHAIR_I ± 2.0 points" in table
+
+
+def test_seed_spread_survives_a_split_without_probes():
+    from eval.demo import mitigation_spread
+
+    runs = [_fake_run(seed, (40, 0.80, 0.30), {"good": (30, 0.82, 0.31)}) for seed in (0, 1)]
+    runs[0]["results"]["chair"]["cooccurrence_probes"] = {"probes": 0, "claimed": 0, "rate": None}
+    table, helping = mitigation_spread(runs)
+    assert "| none | 40.0 ± 0.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | 30.0 ± 0.0 | nan ± nan |" in table
+    assert helping == ["good (false positives)"]  # the other columns still count
