@@ -457,6 +457,11 @@ def compare_all(out: Path, minutes: float, seed: int, num_images: int, progress:
     return rows
 
 
+# The hallucination measures a method should lower: the issue's two, and the co-occurrence probes behind them.
+LOWER_IS_BETTER = {"fp": "false positives", "chair_i": "CHAIR_I", "probes": "partner claimed on POPE",
+                   "named": "partner named in captions"}
+
+
 def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
     """Each mitigation's effect over demo runs that differ only in the seed, against the seed-to-seed spread.
 
@@ -499,8 +504,8 @@ def mitigation_spread(runs: list[dict]) -> tuple[str, list[str]]:
             if name != "none":
                 effect = sum(delta) / len(delta)
                 cell += f" ({effect:+.1f})"
-                if key in ("fp", "chair_i") and effect < -spread[key] and max(delta) < 0:
-                    helping.append(f"{name} ({'false positives' if key == 'fp' else 'CHAIR_I'})")
+                if key in LOWER_IS_BETTER and effect < -spread[key] and max(delta) < 0:
+                    helping.append(f"{name} ({LOWER_IS_BETTER[key]})")
             row.append(cell)
         rows.append(row)
     table = _table(["mitigation", *columns.values()], rows)
@@ -519,7 +524,7 @@ def compare_seeds(out: Path, seeds: list[int], backbone: str, attention_mode: st
                      progress=progress) for seed in seeds]
     table, helping = mitigation_spread(runs)
     verdict = ("Lowered by more than the spread on every seed: " + ", ".join(helping) + ".") if helping else \
-        "No method lowers adversarial-POPE false positives or CHAIR_I by more than the seed-to-seed spread."
+        "No method lowers a hallucination measure by more than the seed-to-seed spread on every seed."
     (out / "seeds.md").write_text(f"# Mitigation over seeds ({backbone}, {attention_mode})\n\n{table}\n\n{verdict}\n")
     print(table + "\n\n" + verdict)
     return helping
