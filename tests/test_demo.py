@@ -113,6 +113,8 @@ def test_seed_spread_survives_a_split_without_probes():
 
     runs = [_fake_run(seed, (40, 0.80, 0.30), {"good": (30, 0.82, 0.31)}) for seed in (0, 1)]
     runs[0]["results"]["chair"]["cooccurrence_probes"] = {"probes": 0, "claimed": 0, "rate": None}
+    for run in runs:  # "good" also claims fewer missing partners on POPE: 50% against 90% on both seeds
+        run["results"]["mitigation"]["good"]["pope_adversarial"]["cooccurrence_probes"] = {"rate": 0.5}
     table, helping = mitigation_spread(runs)
     assert "| none | 40.0 ± 0.0 | 90.0 ± 0.0 | 80.0 ± 0.0 | 30.0 ± 0.0 | nan ± nan |" in table
-    assert helping == ["good (false positives)"]  # the other columns still count
+    assert helping == ["good (false positives)", "good (partner claimed on POPE)"]  # the other columns still count
