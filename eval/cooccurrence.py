@@ -7,7 +7,6 @@ the model claims the partner is the lab's direct measure of co-occurrence halluc
 mixes these questions with many others, and CHAIR_I counts every kind of hallucinated object.
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +30,7 @@ class CooccurrenceProbes:
     @classmethod
     def from_scenes(cls, folder, split: str = "test") -> "CooccurrenceProbes":
         folder = Path(folder)
-        config = json.loads((folder / "scene_config.json").read_text())
+        config = read_json(folder / "scene_config.json")
         pairs = [(trigger, partner) for trigger, partners in config["cooccurrence"].items() for partner in partners]
         present = {name: set(objects) for name, objects in image_objects(read_json(folder / f"instances_{split}.json"))}
         return cls(pairs, present)

@@ -242,6 +242,10 @@ def _pope_rows(results: dict) -> list[list[str]]:
     return rows
 
 
+MITIGATION_COLUMNS = ["mitigation", "adv. POPE acc", "F1", "yes-ratio", "false positives", "partner claimed",
+                      "CHAIR_S", "CHAIR_I", "recall", "partner named", "length", "time/token"]
+
+
 def _mitigation_rows(results: dict) -> list[list[str]]:
     plain_speed = results["speed"]["plain"]
     runs = {"none": {"pope_adversarial": results["pope"]["splits"]["adversarial"], "chair": results["chair"]},
@@ -249,7 +253,7 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
     rows = []
     for name, run in runs.items():
         if "refused" in run:
-            rows.append([name, "refused: " + run["refused"].split(":")[0]] + [""] * 10)
+            rows.append([name, "refused: " + run["refused"].split(":")[0]] + [""] * (len(MITIGATION_COLUMNS) - 2))
             continue
         pope, chair = run["pope_adversarial"], run["chair"]
         speed = results["speed"].get("plain" if name == "none" else name)
@@ -291,9 +295,7 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
     chair_text = (f"CHAIR_S {_pct(chair['chair_s'])}%, CHAIR_I {_pct(chair['chair_i'])}%, recall "
                   f"{_pct(chair['recall'])}%, average length {chair['avg_len']:.1f} words "
                   f"(prompt \"{DETAIL_PROMPT}\", greedy, 64 new tokens).")
-    mitigation = _table(["mitigation", "adv. POPE acc", "F1", "yes-ratio", "false positives", "partner claimed",
-                         "CHAIR_S", "CHAIR_I", "recall", "partner named", "length", "time/token"],
-                        _mitigation_rows(results))
+    mitigation = _table(MITIGATION_COLUMNS, _mitigation_rows(results))
     probes = results["pope"]["splits"]["adversarial"]["cooccurrence_probes"]
     caption_probes = results["chair"]["cooccurrence_probes"]
     bias_text = (f"The co-occurrence bias, measured directly: of the {probes['probes']} adversarial questions about a "

@@ -2,7 +2,6 @@
 
 import json
 
-from data.pope import image_objects
 from data.scenes import SceneConfig, generate_scenes
 from eval.cooccurrence import CooccurrenceProbes
 
@@ -44,6 +43,11 @@ def test_from_scenes_reads_the_rules_and_the_split(tmp_path):
     probes = CooccurrenceProbes.from_scenes(tmp_path, "test")
     assert probes.pairs == [("moon", "star"), ("heart", "ring")]
     instances = json.loads(paths["instances"]["test"].read_text())
-    assert probes.present == {name: set(objects) for name, objects in image_objects(instances)}
+    names = {category["id"]: category["name"] for category in instances["categories"]}
+    files = {image["id"]: image["file_name"] for image in instances["images"]}
+    expected = {name: set() for name in files.values()}
+    for annotation in instances["annotations"]:
+        expected[files[annotation["image_id"]]].add(names[annotation["category_id"]])
+    assert probes.present == expected
     moon_without_star = [name for name, objects in probes.present.items() if "moon" in objects and "star" not in objects]
     assert len(moon_without_star) > 20  # the evaluation rate, 0.3, leaves most moons alone
