@@ -75,6 +75,10 @@ class SceneConfig:
         colour_weights: `{category: {colour: weight}}`, relative to weight 1 for the other colours (default:
             each shape's typical colour, `TYPICAL_COLOURS`, 80% of the time).
         large_prob: chance that an object is large rather than small.
+        opacity: `{category: alpha}`: that category is drawn blended over the background with weight `alpha`
+            in (0, 1] (missing ones: 1, opaque). A faint shape is seen only partly by a small model, as small or
+            low-contrast objects in photos are, so where its evidence is weak the model falls back on the
+            co-occurrence prior: the case that decode-time hallucination mitigation is meant for.
         max_occlusion: largest fraction of an object's box that later objects' boxes may cover.
         backgrounds: relative frequency of solid, gradient and noise backgrounds.
         splits: split name -> fraction of the images (in id order).
@@ -96,6 +100,7 @@ class SceneConfig:
     max_objects: int = 6
     colour_weights: dict[str, dict[str, float]] = field(default_factory=typical_colour_weights)
     large_prob: float = 0.5
+    opacity: dict[str, float] = field(default_factory=dict)
     max_occlusion: float = 0.25
     backgrounds: dict[str, float] = field(default_factory=lambda: {"solid": 1.0, "gradient": 1.0, "noise": 1.0})
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
@@ -162,6 +167,10 @@ class SceneConfig:
                 raise ValueError(f"SceneConfig.backgrounds: unknown kind {kind!r} (solid, gradient, noise)")
         if not math.isclose(sum(self.splits.values()), 1.0, abs_tol=1e-6) or min(self.splits.values()) < 0:
             raise ValueError(f"SceneConfig.splits fractions must be >= 0 and sum to 1, got {self.splits}")
+        for category, alpha in self.opacity.items():
+            known(category, "opacity")
+            if not 0.0 < alpha <= 1.0:
+                raise ValueError(f"SceneConfig.opacity[{category!r}]={alpha} must lie in (0, 1]")
         for name in ("multi_instance_prob", "large_prob", "max_occlusion"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"SceneConfig.{name} must lie in [0, 1]")
@@ -196,6 +205,7 @@ class SceneObject:
     category: str
     colour: str
     size: str
+    opacity: float = 1.0
     centre: tuple[float, float] = (0.0, 0.0)
     outline: list[tuple[float, float]] = field(default_factory=list)
     bbox: tuple[float, float, float, float] = (0.0, 0.0, 0.0, 0.0)  # x, y, width, height
@@ -257,7 +267,7 @@ def sample_objects(config: SceneConfig, rng, split: str = "train") -> list[Scene
         for _ in range(count):
             colour = _weighted_choice(rng, colours, config.colour_weights.get(category, {}))
             size = "large" if rng.random() < config.large_prob else "small"
-            objects.append(SceneObject(category, colour, size))
+            objects.append(SceneObject(category, colour, size, config.opacity.get(category, 1.0)))
     return objects
 
 
@@ -320,11 +330,16 @@ def _background(kind: str, size: int, rng) -> np.ndarray:
 
 
 def render_scene(scene: Scene, rng) -> Image.Image:
-    """Draw the background, then the objects in order (later ones on top)."""
+    """Draw the background, then the objects in order (later ones on top, faint ones blended)."""
     image = Image.fromarray(_background(scene.background, scene.image_size, rng), mode="RGB")
-    draw = ImageDraw.Draw(image)
+    # Opaque shapes keep PIL's plain fill (its RGBA blending rasterises a few edge pixels differently, and
+    # datasets made before `opacity` existed keep their bytes).
+    opaque, blended = ImageDraw.Draw(image), ImageDraw.Draw(image, "RGBA")
     for obj in scene.objects:
-        draw.polygon(obj.outline, fill=COLOURS[obj.colour])
+        if obj.opacity == 1.0:
+            opaque.polygon(obj.outline, fill=COLOURS[obj.colour])
+        else:
+            blended.polygon(obj.outline, fill=(*COLOURS[obj.colour], round(255 * obj.opacity)))
     return image
 
 

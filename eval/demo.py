@@ -43,17 +43,20 @@ DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=3
                         tie_word_embeddings=True)
 STEPS_PER_MINUTE = 260  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured: 257-263)
 TRAIN_SHARE = 0.85  # of a --minutes budget; the rest generates data and evaluates (about 1.5 minutes)
-DEFAULT_STEPS = 2000  # 6.9-7.0 minutes of training on 2 cores (measured): the whole default run takes about 8
+DEFAULT_STEPS = 2000  # 7.0-7.5 minutes of training on 2 cores (measured): the whole default run takes 8-9
 COMPARE_ALL_MINUTES = 9.0  # default budget of `--backbone all`, shared by all its runs
 # The scenes: the library's co-occurring pairs (moon -> star 90%, heart -> ring 85%, flower -> drop 80% in
 # training) with large shapes, one or two independently drawn shapes per image and each shape in its typical colour
 # 95% of the time, so that a model trained for minutes on a CPU can tell the shapes apart: such a model learns colour
-# long before shape, and each pair shares its colour, so only the pairs take the shape. Validation and test lower
-# the pair rates to one half, so that POPE's adversarial split asks about a missing partner on many images (at the
-# training rates it would find a handful), and POPE asks two questions per image, so images with two shapes count.
+# long before shape. Each pair shares its colour and the partners are faint (20% opacity): the model sees a partner
+# only partly, so it often reports a star beside a moon that has none because the prior says so, the hallucination
+# decode-time mitigation is meant for. (With opaque partners of the same colour it cannot tell a moon from a star
+# at all, and no decode-time method can help.) Validation and test lower the pair rates to one half, so that many
+# images break a rule (at the training rates a handful would), and POPE asks two questions per image, so images
+# with two shapes count.
 DEMO_SCENES = {"large_prob": 1.0, "max_primary": 2, "colour_weights": typical_colour_weights(0.95),
                "eval_cooccurrence": {"moon": {"star": 0.5}, "heart": {"ring": 0.5}, "flower": {"drop": 0.5}},
-               "pope_per_image": 2}
+               "opacity": {"star": 0.2, "ring": 0.2, "drop": 0.2}, "pope_per_image": 2}
 DEMO_IMAGES = 5000
 DETAIL_PROMPT = "Describe the image in detail."  # what the scenes' conversations ask
 CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."

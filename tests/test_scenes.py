@@ -8,11 +8,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
 from data.pope import read_pope_file
-from data.scenes import SceneConfig, generate_scenes
+from data.scenes import Scene, SceneConfig, SceneObject, generate_scenes, make_scene, place_objects, render_scene
 from data.shapes import CATEGORIES, COLOURS
 
 
@@ -181,6 +181,30 @@ def test_adversarial_pope_asks_for_the_biased_partner(tmp_path):
     moon_without_star = {q["image"] for q in questions
                          if q["text"] == "Is there a moon in the image?" and q["image"] not in with_star}
     assert len(moon_without_star) >= 5 and moon_without_star <= probed
+
+
+def test_faint_shapes_are_blended_over_the_background():
+    """A shape at opacity 0.25 on a solid background: inside it, every pixel is background + 0.25 (colour -
+    background), by hand; the config's opacity reaches the objects of its category only."""
+    star = SceneObject("star", "yellow", "large", opacity=0.25)
+    place_objects([star], 48, 0.25, np.random.default_rng(0))
+    pixels = np.asarray(render_scene(Scene(1, 48, "solid", [star]), np.random.default_rng(1))).astype(float)
+    mask = Image.new("L", (48, 48))
+    ImageDraw.Draw(mask).polygon(star.outline, fill=1)
+    mask = np.asarray(mask).astype(bool)
+    interior = mask & np.roll(mask, 1, 0) & np.roll(mask, -1, 0) & np.roll(mask, 1, 1) & np.roll(mask, -1, 1)
+    background = pixels[~mask][0]
+    assert np.all(pixels[~mask] == background) and interior.sum() > 50
+    expected = background + 0.25 * (np.array(COLOURS["yellow"]) - background)
+    assert np.abs(pixels[interior] - expected).max() <= 1.0
+    config = SceneConfig(opacity={"star": 0.25}, category_weights={"star": 50.0})
+    objects = [obj for image_id in range(1, 20) for obj in make_scene(image_id, 0, config).objects]
+    assert {obj.opacity for obj in objects if obj.category == "star"} == {0.25}
+    assert {obj.opacity for obj in objects if obj.category != "star"} == {1.0}
+    with pytest.raises(ValueError, match=r"opacity\['star'\]=0.0 must lie in \(0, 1\]"):
+        SceneConfig(opacity={"star": 0.0})
+    with pytest.raises(ValueError, match="opacity: unknown category 'unicorn'"):
+        SceneConfig(opacity={"unicorn": 0.5})
 
 
 def test_config_validation_and_files(tmp_path):
