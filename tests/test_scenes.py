@@ -11,7 +11,7 @@ import pytest
 from PIL import Image, ImageDraw
 from pycocotools.coco import COCO
 
-from data.pope import read_pope_file
+from data.pope import image_objects, read_pope_file
 from data.scenes import Scene, SceneConfig, SceneObject, generate_scenes, make_scene, place_objects, render_scene
 from data.shapes import CATEGORIES, COLOURS
 
@@ -109,12 +109,7 @@ def test_eval_cooccurrence_changes_only_the_evaluation_splits(tmp_path):
     assert biased["instances"]["train"].read_bytes() == probed["instances"]["train"].read_bytes()
 
     def star_rate_given_moon(path):
-        instances = json.loads(path.read_text())
-        names = {c["id"]: c["name"] for c in instances["categories"]}
-        present = {image["id"]: set() for image in instances["images"]}
-        for annotation in instances["annotations"]:
-            present[annotation["image_id"]].add(names[annotation["category_id"]])
-        with_moon = [objects for objects in present.values() if "moon" in objects]
+        with_moon = [objects for _, objects in image_objects(path) if "moon" in objects]
         assert len(with_moon) > 300
         return sum("star" in objects for objects in with_moon) / len(with_moon)
 
