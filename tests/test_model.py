@@ -110,6 +110,35 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(generate(model, inputs), generate(loaded, inputs))
 
 
+def test_pretrained_llm_round_trip(tmp_path):
+    """A VLM on a pretrained LLM folder whose vocabulary lacks the image token: it grows by one at build time,
+    and the saved folder must say so (a stale text_config.vocab_size made from_pretrained resize on meta tensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vlm import VLMConfig
+    from vlm.testing import save_tiny_pretrained_llm
+
+    llm_dir = save_tiny_pretrained_llm(tmp_path / "llm")
+    tokenizer = AutoTokenizer.from_pretrained(llm_dir)
+    vocab = len(tokenizer)
+    config = VLMConfig(vision="vit_tiny_patch16_224", text_config=str(llm_dir),
+                       vision_kwargs=dict(img_size=32, patch_size=8, depth=1, embed_dim=32, num_heads=2))
+    model = VisionLanguageModel(config).eval()
+    processor = VLMProcessor.from_model(model, tokenizer)
+    assert processor.image_token_id == vocab and model.get_input_embeddings().num_embeddings == vocab + 1
+    llm = AutoModelForCausalLM.from_pretrained(llm_dir)
+    assert torch.equal(model.get_input_embeddings().weight[:vocab], llm.get_input_embeddings().weight)
+    model.save_pretrained(tmp_path / "vlm")
+    processor.save_pretrained(tmp_path / "vlm")
+
+    loaded = VisionLanguageModel.from_pretrained(tmp_path / "vlm").eval()
+    assert loaded.config.text_config.vocab_size == vocab + 1
+    inputs = processor(images=IMAGES, text=PROMPTS)
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, loaded(**inputs).logits)
+    assert torch.equal(generate(model, inputs), generate(loaded, inputs))
+
+
 def test_auto_classes_resolve_the_model(tmp_path):
     from transformers import AutoConfig, AutoModel
 

@@ -5,6 +5,7 @@ import importlib.util
 import pytest
 import torch
 
+from vlm.cli import main
 from train.assets import COMPLETE_MARKER, convert_smollm2, is_converted
 from train.config import load_config
 from test_train_helpers import REPO, final_weights, make_scenes
@@ -56,3 +57,7 @@ def test_lora_steps_on_smollm2(tmp_path, smollm2_dir):
     assert any("language_model.model.layers.29.mlp.down_proj" in name for name in changed)  # LoRA merged in
     frozen_llm_parts = {n for n in changed if n.startswith("language_model.") and ("embed" in n or "norm" in n)}
     assert not frozen_llm_parts
+    # The recipe's output folder loads as it is (the vocabulary grown by <image> is what config.json says).
+    image = sorted((tmp_path / "scenes" / "images" / "train").iterdir())[0]
+    assert main(["ask", "--model", str(final), str(image), "What is here?",
+                 "--max-new-tokens", "3", "--device", "cpu"]) == 0

@@ -60,6 +60,8 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
             )
         else:
             self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        # One config object for the LLM: a vocabulary grown by the image token must be what config.json saves.
+        config.text_config = self.language_model.config
         self.connector = build_connector(
             config.connector, config.vision_hidden_size, config.text_config.hidden_size, **config.connector_kwargs
         )

@@ -33,6 +33,20 @@ def tiny_text_config(family: str = "llama", vocab_size: int = 256, attn_implemen
     return AutoConfig.for_model(settings.pop("model_type"), attn_implementation=attn_implementation, **settings)
 
 
+def save_tiny_pretrained_llm(folder, family: str = "llama", seed: int = 0):
+    """A tiny random causal LM and its tokenizer saved as a pretrained LLM folder (as a hub download looks):
+    a text-only tokenizer, so building a VLM on it adds `<image>` and grows the vocabulary by one."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    tokenizer = train_tokenizer(TINY_CORPUS, vocab_size=256, image_token=False)
+    llm = AutoModelForCausalLM.from_config(tiny_text_config(family, vocab_size=len(tokenizer)))
+    llm.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def tiny_vlm(attention_mode: str = "causal", llm: str = "llama", vision: str = "vit_tiny_patch16_224",
              vision_kwargs: dict | None = None, connector: str = "mlp2x_gelu", connector_kwargs: dict | None = None,
              image_size: int = 32, attn_implementation: str = "sdpa", corpus=None, seed: int = 0, **config_kwargs):

@@ -24,19 +24,20 @@ def _with_role_names(texts: Iterable[str]):
         yield ROLE_NAMES
 
 
-def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A byte-level BPE tokenizer trained on `texts` (message contents), with ChatML and `<image>` special
-    tokens."""
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, image_token: bool = True) -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer trained on `texts` (message contents), with ChatML and (unless `image_token`
+    is False, as in a text-only LLM's tokenizer) `<image>` special tokens."""
+    special_tokens = SPECIAL_TOKENS if image_token else [t for t in SPECIAL_TOKENS if t != "<image>"]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
+        vocab_size=vocab_size, special_tokens=special_tokens, show_progress=False,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tokenizer.train_from_iterator(_with_role_names(texts), trainer=trainer)
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|pad|>", bos_token=None,
-        unk_token=None, additional_special_tokens=["<|endoftext|>", "<|im_start|>", "<image>"],
+        unk_token=None, additional_special_tokens=[t for t in special_tokens if t not in ("<|pad|>", "<|im_end|>")],
         chat_template=CHATML_TEMPLATE,
     )
