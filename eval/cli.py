@@ -15,7 +15,7 @@ import torch
 
 from data.images import DEFAULT_MAX_PIXELS
 
-from .inference import Request, collect_image_paths, generate_answers, load_model
+from .inference import Request, check_mitigation_support, collect_image_paths, generate_answers, load_model
 
 CAPTION_PROMPT = "Describe the image."
 
@@ -60,6 +60,13 @@ def _text_streamer(processor):
     from transformers import TextStreamer
 
     return TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+
+
+def _load_model(args, generation_kwargs):
+    model, processor = load_model(args.model, args.device, args.dtype)
+    if generation_kwargs.get("mitigation"):
+        check_mitigation_support(model, generation_kwargs["mitigation"])
+    return model, processor
 
 
 def _fail(command: str, error: Exception) -> int:
@@ -114,7 +121,7 @@ def caption_command(args) -> int:
         paths = collect_image_paths(args.images)
         if not paths:
             raise ValueError(f"no image files found in {', '.join(args.images)}")
-        model, processor = load_model(args.model, args.device, args.dtype)
+        model, processor = _load_model(args, generation_kwargs)
     except (OSError, ValueError, ImportError) as error:
         return _fail("caption", error)
     torch.manual_seed(args.seed)
@@ -126,7 +133,7 @@ def ask_command(args) -> int:
     try:
         _check_stream(args)
         generation_kwargs = generation_kwargs_from_args(args)
-        model, processor = load_model(args.model, args.device, args.dtype)
+        model, processor = _load_model(args, generation_kwargs)
     except (OSError, ValueError, ImportError) as error:
         return _fail("ask", error)
     torch.manual_seed(args.seed)
@@ -247,7 +254,7 @@ def eval_command(args) -> int:
 
     try:
         generation_kwargs = generation_kwargs_from_args(args)
-        model, processor = load_model(args.model, args.device, args.dtype)
+        model, processor = _load_model(args, generation_kwargs)
         torch.manual_seed(args.seed)
         model_name = str(args.model.resolve())
         result, images = args.run(args, model, processor, generation_kwargs, model_name)

@@ -53,14 +53,21 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def load_model(folder, device: str = "auto", dtype: str = "auto"):
-    """`(model, processor)` from a folder written by `model.save_pretrained` and `processor.save_pretrained`."""
+    """`(model, processor)` from a model folder: one written by `VisionLanguageModel.save_pretrained` and
+    `VLMProcessor.save_pretrained`, or any Hugging Face image-text-to-text model with its processor (Llava,
+    Qwen2-VL, Idefics3, Gemma 3, ...; see `vlm.hf_models`)."""
     from vlm import VisionLanguageModel, VLMProcessor
+    from vlm.hf_models import load_image_text_model, read_model_type
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: pass a folder saved with model.save_pretrained")
     torch_device = resolve_device(device)
-    model = VisionLanguageModel.from_pretrained(folder, dtype=resolve_dtype(dtype, torch_device))
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    if read_model_type(folder) != "vlm":
+        model, processor = load_image_text_model(folder, torch_dtype)
+        return model.to(torch_device), processor
+    model = VisionLanguageModel.from_pretrained(folder, dtype=torch_dtype)
     model = model.to(torch_device).eval()
     processor = VLMProcessor.from_pretrained(folder)
     if processor.image_token_id != model.config.image_token_id:
@@ -95,17 +102,22 @@ def prepare_request(processor, request: Request, max_pixels: int | None = DEFAUL
 
     Raises `OSError` (unreadable image) or `ValueError` (too-long prompt, marker count, bad mode)."""
     images = [image if isinstance(image, Image.Image) else load_image(image, max_pixels) for image in request.images]
-    messages = [{"role": "user", "content": user_prompt(request.prompt, len(images), processor.image_token)}]
-    encoded = processor.encode_conversation(messages, num_images=len(images), add_generation_prompt=True)
-    processor.check_length(encoded)
     for index, image in enumerate(images):
         if image.mode != "RGB":
             raise ValueError(f"image {index} has mode {image.mode!r}; expected RGB (use data.images.load_image)")
-    return encoded, images
+    messages = [{"role": "user", "content": user_prompt(request.prompt, len(images), processor.image_token)}]
+    return processor.encode_prompt(messages, images), images
 
 
 def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
+
+
+def check_mitigation_support(model, mitigation):
+    """Refuse mitigation methods that cannot act on `model` (a silent no-op would report unmitigated numbers)."""
+    from vlm.mitigation import check_supported, normalize_spec
+
+    check_supported(model, normalize_spec(mitigation))
 
 
 @torch.no_grad()
@@ -114,13 +126,17 @@ def generate_batch(model, processor, prepared: list, generation_kwargs: dict, st
     encoded = [item[0] for item in prepared]
     images = [image for item in prepared for image in item[1]]
     inputs = processor.collate(encoded, images)
-    del inputs["labels"]
+    inputs.pop("labels", None)
     inputs = inputs.to(model.device)
-    if generation_kwargs.get("mitigation"):
-        from vlm.mitigation import with_processor
+    generation_kwargs = dict(generation_kwargs)
+    mitigation = generation_kwargs.pop("mitigation", None)
+    if mitigation:
+        from vlm.mitigation import generate_with_mitigation, with_processor
 
-        generation_kwargs = {**generation_kwargs, "mitigation": with_processor(generation_kwargs["mitigation"], processor)}
-    output = model.generate(**inputs, **generation_kwargs, streamer=streamer)
+        output = generate_with_mitigation(model, with_processor(mitigation, processor), **inputs, **generation_kwargs,
+                                          streamer=streamer)
+    else:
+        output = model.generate(**inputs, **generation_kwargs, streamer=streamer)
     return processor.batch_decode(output[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -138,6 +154,8 @@ def generate_answers(model, processor, requests: list[Request], generation_kwarg
     if streamer is not None and batch_size != 1:
         raise ValueError("streaming prints one answer at a time: use batch_size=1")
     generation_kwargs = dict(generation_kwargs or {})
+    if generation_kwargs.get("mitigation"):
+        check_mitigation_support(model, generation_kwargs["mitigation"])
     bar = tqdm(total=len(requests), disable=not progress, unit="req", dynamic_ncols=True)
     try:
         for start in range(0, len(requests), batch_size):

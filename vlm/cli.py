@@ -16,6 +16,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    from transformers.utils import logging as transformers_logging
+
+    # transformers draws a bar for every weight load: noise on each command, and a mess in logs off a terminal
+    transformers_logging.disable_progress_bar()
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:

@@ -171,6 +171,12 @@ class VLMProcessor:
         labels = [t if r == TokenRole.ANSWER else IGNORE_INDEX for t, r in zip(ids, roles)]
         return {"input_ids": ids, "roles": [int(r) for r in roles], "labels": labels}
 
+    def encode_prompt(self, messages: list[dict], images: list) -> dict:
+        """One generation request: the conversation and the assistant header, tokenised and length-checked."""
+        encoded = self.encode_conversation(messages, num_images=len(images), add_generation_prompt=True)
+        self.check_length(encoded)
+        return encoded
+
     def truncate(self, encoded: dict, max_length: int) -> tuple[dict, bool]:
         """Cut a too-long sample at `max_length` tokens from the end (answers go first). Refuses a cut that
         would split or drop image tokens, or leave no answer token to learn from."""

@@ -11,11 +11,14 @@ with a second cached branch, `contrastive.py`); statistics saved with a model in
 
 from .calibration import (STATS_FILE, calibrate_mitigation_stats, load_mitigation_stats, model_mitigation_stats,
                           save_mitigation_stats)
-from .generation import mitigated_generate
-from .spec import METHOD_DEFAULTS, default_layers, parse_mitigation_arg, resolve_mitigation, with_processor
+from .generation import generate_with_mitigation, mitigated_generate
+from .model_parts import check_supported
+from .spec import (METHOD_DEFAULTS, default_layers, normalize_spec, parse_mitigation_arg, resolve_mitigation,
+                   with_processor)
 
 __all__ = [
-    "METHOD_DEFAULTS", "STATS_FILE", "calibrate_mitigation_stats", "default_layers", "load_mitigation_stats",
-    "mitigated_generate", "model_mitigation_stats", "parse_mitigation_arg", "resolve_mitigation",
+    "METHOD_DEFAULTS", "STATS_FILE", "calibrate_mitigation_stats", "check_supported", "default_layers",
+    "generate_with_mitigation", "load_mitigation_stats",
+    "mitigated_generate", "model_mitigation_stats", "normalize_spec", "parse_mitigation_arg", "resolve_mitigation",
     "save_mitigation_stats", "with_processor",
 ]

@@ -20,7 +20,7 @@ from transformers.masking_utils import sdpa_mask
 
 from ..roles import TokenRole
 from .model_parts import (attention_module, cached_length, decoder_layers, forward_arguments, image_positions,
-                          num_heads, pad_keys)
+                          num_heads, pad_keys, text_decoder)
 from .paint import select_paint_tokens
 
 ATTENTION_NAME = "vlm_mitigation"
@@ -94,11 +94,11 @@ class SequenceRecord:
         return self._memo[key]
 
 
-def _rows_after_images(image: torch.Tensor, roles: torch.Tensor | None) -> torch.Tensor:
+def _rows_after_images(image: torch.Tensor, padding: torch.Tensor | None) -> torch.Tensor:
     positions = torch.arange(image.shape[1], device=image.device).expand_as(image)
     last_image = torch.where(image, positions, torch.full_like(positions, -1)).amax(1, keepdim=True)
     rows = positions > last_image
-    return rows if roles is None else rows & (roles != TokenRole.PADDING)
+    return rows if padding is None else rows & ~padding
 
 
 # ------------------------------------------------------------------ the registered attention function
@@ -190,8 +190,8 @@ class AttentionEdits:
         self._hooks, self._edited, self._original = [], [], None
 
     def __enter__(self):
-        language_model = self.model.language_model
-        self._original = language_model.config._attn_implementation
+        decoder = text_decoder(self.model)
+        self._original = decoder.config._attn_implementation
         try:
             layers = decoder_layers(self.model)
             boost_layers = set(self.boost["layers"]) if self.boost else set()
@@ -207,7 +207,7 @@ class AttentionEdits:
                     self._hooks.append(layers[index].register_forward_pre_hook(
                         self._sink_detector(index), with_kwargs=True))
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
-            language_model.set_attn_implementation(ATTENTION_NAME)
+            decoder.set_attn_implementation(ATTENTION_NAME)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -220,13 +220,14 @@ class AttentionEdits:
             if hasattr(attention, EDITS_ATTRIBUTE):
                 delattr(attention, EDITS_ATTRIBUTE)
         self._hooks, self._edited, self.records, self.current = [], [], {}, None
-        if self._original is not None and self.model.language_model.config._attn_implementation != self._original:
-            self.model.language_model.set_attn_implementation(self._original)
+        decoder = text_decoder(self.model)
+        if self._original is not None and decoder.config._attn_implementation != self._original:
+            decoder.set_attn_implementation(self._original)
         return False
 
     def _on_model_forward(self, module, args, kwargs):
         """Find (at prefill) or recall (at decode steps) the record of the sequence this forward belongs to."""
-        inputs = forward_arguments(args, kwargs)
+        inputs = forward_arguments(self.model, args, kwargs)
         cache = inputs["cache"]
         if cached_length(cache) == 0:
             record = self._prefill_record(inputs)
@@ -240,10 +241,10 @@ class AttentionEdits:
         self.current = record
 
     def _prefill_record(self, inputs) -> SequenceRecord:
-        roles = inputs["mm_token_type_ids"]
+        roles, mask = inputs["mm_token_type_ids"], inputs["attention_mask"]
         image = image_positions(self.model, inputs["input_ids"], roles)
-        record = SequenceRecord(image_keys=image, query_rows=_rows_after_images(image, roles),
-                                padding=None if roles is None else roles == TokenRole.PADDING)
+        padding = roles == TokenRole.PADDING if roles is not None else None if mask is None else mask == 0
+        record = SequenceRecord(image_keys=image, query_rows=_rows_after_images(image, padding), padding=padding)
         if self.boost_kind == "paint" and self.boost is not None and inputs["pixel_values"] is not None:
             local, summary = select_paint_tokens(self.model, inputs["pixel_values"], self.boost["local_ratio"])
             placeholders = inputs["input_ids"] == self.model.config.image_token_id

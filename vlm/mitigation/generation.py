@@ -15,8 +15,15 @@ from .calibration import model_mitigation_stats
 from .contrastive import (INPUT_NAMES, ContrastBranch, with_leading_suffix, with_noised_image, with_system_prompt,
                           without_image)
 from .heads import HeadReinforcement
-from .model_parts import decoder_layers, image_positions
+from .model_parts import check_supported, decoder_layers, hidden_size, image_positions, is_suite_model
 from .spec import contrast_branch_users, resolve_mitigation
+
+
+def generate_with_mitigation(model, mitigation, **kwargs):
+    """`model.generate(**kwargs)` with `mitigation` on, for a `VisionLanguageModel` or a Hugging Face VLM."""
+    if is_suite_model(model):
+        return model.generate(mitigation=mitigation, **kwargs)
+    return mitigated_generate(model, mitigation, model.generate, **kwargs)
 
 
 def mitigated_generate(model, mitigation, generate, *args, **kwargs):
@@ -26,6 +33,7 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
             raise TypeError("with mitigation, pass the inputs as keywords: model.generate(**inputs, mitigation=...)")
         kwargs["input_ids"] = args[0]
     methods = resolve_mitigation(mitigation, len(decoder_layers(model)))
+    check_supported(model, methods)
     inputs = {name: kwargs.get(name) for name in INPUT_NAMES}
     if inputs["input_ids"] is None:
         raise ValueError("mitigation needs input_ids (generation from inputs_embeds is not supported)")
@@ -69,7 +77,7 @@ def _attention_edits(model, methods, stats) -> AttentionEdits | None:
                 raise ValueError("var needs the LLM's massive-activation dims: pass {'var': {'sink_dims': [...]}} or "
                                  "calibrate them (python -m vlm.mitigation.calibration --model DIR --images DIR)")
             var["sink_dims"] = stats["sink_dims"].tolist()
-        width = model.config.text_config.hidden_size
+        width = hidden_size(model)
         if any(not 0 <= d < width for d in var["sink_dims"]):
             raise ValueError(f"var sink_dims {var['sink_dims']} out of range for hidden size {width}")
     return AttentionEdits(model, boost=methods.get(kind) if kind else None, boost_kind=kind or "pai", var=var,

@@ -1,18 +1,48 @@
-"""Where the mitigation methods reach into a `VisionLanguageModel`: its decoder layers, their attention
-modules, the image-token positions of an input, and the forward arguments a hook sees."""
+"""Where the mitigation methods reach into a model: its decoder layers, their attention modules, the image-token
+positions of an input, the forward arguments a hook sees, and which methods a model supports.
+
+Two kinds of model are served. A `VisionLanguageModel` carries token roles (`mm_token_type_ids`) and a timm
+tower, so every method runs on it. A Hugging Face image-text-to-text model (Llava, Qwen2-VL, Idefics3, Gemma 3,
+...) is reached through what all of them share: `get_decoder()` gives the text decoder, whose layers hold a
+`self_attn` with an `o_proj` that calls transformers' attention interface, and image tokens are the positions
+of `config.image_token_id`. Its processor's own `mm_token_type_ids` (Qwen2-VL's) are not roles and are ignored.
+"""
 
 import torch
 
 from ..roles import TokenRole
 
+# What runs on a Hugging Face VLM so far: the attention edits, which need no more than the above.
+HF_METHODS = ("pai", "var")
+
+
+def is_suite_model(model) -> bool:
+    from ..modeling import VisionLanguageModel
+
+    return isinstance(model, VisionLanguageModel)
+
+
+def check_supported(model, methods: dict) -> None:
+    """Refuse, by name, a method of `{method: options}` that cannot run on `model` (never a silent no-op)."""
+    if is_suite_model(model):
+        return
+    missing = [name for name, options in methods.items()
+               if name not in HF_METHODS or (options or {}).get("cfg") is not None]  # cfg: PAI's contrast branch
+    if missing:
+        raise ValueError(f"mitigation {', '.join(missing)} is not available for {model.config.model_type} models "
+                         f"({type(model).__name__}) yet; on Hugging Face VLMs these run: {', '.join(HF_METHODS)}")
+
+
+def text_decoder(model):
+    """The decoder stack (`layers`, `config`, `set_attn_implementation`) of the LLM."""
+    decoder = (model.language_model if is_suite_model(model) else model).get_decoder()
+    if getattr(decoder, "layers", None) is None:
+        raise ValueError(f"{type(decoder).__name__} has no `layers`: mitigation needs a standard HF decoder")
+    return decoder
+
 
 def decoder_layers(model) -> list:
-    """The LLM's decoder layers (every Hugging Face causal LM exposes them as `get_decoder().layers`)."""
-    decoder = model.language_model.get_decoder()
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(decoder).__name__} has no `layers`: mitigation needs a standard HF decoder")
-    return list(layers)
+    return list(text_decoder(model).layers)
 
 
 def attention_module(layer):
@@ -24,7 +54,11 @@ def attention_module(layer):
 
 
 def num_heads(model) -> int:
-    return model.config.text_config.num_attention_heads
+    return model.config.get_text_config().num_attention_heads
+
+
+def hidden_size(model) -> int:
+    return model.config.get_text_config().hidden_size
 
 
 def image_positions(model, input_ids: torch.Tensor | None, roles: torch.Tensor | None) -> torch.Tensor:
@@ -36,11 +70,15 @@ def image_positions(model, input_ids: torch.Tensor | None, roles: torch.Tensor |
     return input_ids == model.config.image_token_id
 
 
-def forward_arguments(args: tuple, kwargs: dict) -> dict:
-    """The named inputs of a `VisionLanguageModel.forward` call, as a forward pre-hook sees them."""
+def forward_arguments(model, args: tuple, kwargs: dict) -> dict:
+    """The named inputs of a model's forward call, as a forward pre-hook sees them (roles: ours only)."""
     names = ("input_ids", "pixel_values", "attention_mask", "mm_token_type_ids")
-    named = dict(zip(names, args))
+    named = dict.fromkeys(names)
+    if is_suite_model(model):
+        named.update(zip(names, args))
     named.update({name: kwargs[name] for name in names if name in kwargs})
+    if not is_suite_model(model):
+        named["mm_token_type_ids"] = None
     named["cache"] = kwargs.get("cache", kwargs.get("past_key_values"))
     return named
 

@@ -1,0 +1,116 @@
+"""The attention edits (PAI, VAR) on Hugging Face VLM families: the edited attention path reproduces each family's
+own attention (its masks, sliding windows, M-RoPE), PAI adds exactly alpha |score| on the image keys of its layers,
+VAR keeps every row's mass, and methods without an adapter are refused by name."""
+
+import pytest
+import torch
+from PIL import Image
+from transformers.models.llama.modeling_llama import repeat_kv
+
+import vlm.mitigation.attention as attention_edits
+from vlm.mitigation import generate_with_mitigation
+from vlm.testing import TINY_HF_FAMILIES, tiny_hf_vlm
+
+PROMPTS = ["<image>\nIs there a star?", "<image>\nDescribe the image in detail please."]
+IMAGES = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.linear_gradient("L").convert("RGB").resize((36, 36))]
+GREEDY = {"max_new_tokens": 4, "do_sample": False}
+
+
+@pytest.fixture(scope="module", params=sorted(TINY_HF_FAMILIES))
+def family(request):
+    from vlm.hf_models import ChatProcessor
+
+    model, processor = tiny_hf_vlm(request.param, seed=2)
+    chat = ChatProcessor(processor)
+    encoded = [chat.encode_prompt([{"role": "user", "content": p}], [image]) for p, image in zip(PROMPTS, IMAGES)]
+    return request.param, model, chat.collate(encoded, IMAGES)  # a left-padded batch of two
+
+
+def test_edited_path_with_zero_alpha_is_plain_generate(family):
+    """PAI with alpha=0 on every layer runs our explicit attention everywhere but changes nothing."""
+    _, model, inputs = family
+    plain = model.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    every_layer = list(range(model.config.get_text_config().num_hidden_layers))
+    for use_cache in (True, False):
+        edited = generate_with_mitigation(model, {"pai": {"alpha": 0.0, "layers": every_layer}}, **inputs, **GREEDY,
+                                          use_cache=use_cache, output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(edited.sequences, plain.sequences)
+        for ours, theirs in zip(edited.logits, plain.logits):
+            torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+    assert model.get_decoder().config._attn_implementation == "sdpa"  # restored
+
+
+def capture_scores(monkeypatch):
+    calls = []
+    attend, mask_scores = attention_edits.LayerEdits.attend, attention_edits._mask_scores
+
+    def spy_attend(self, module, query, key, value, attention_mask, scaling):
+        calls.append({"layer": self.layer_index, "raw": query @ repeat_kv(key, module.num_key_value_groups)
+                      .transpose(2, 3) * scaling})
+        return attend(self, module, query, key, value, attention_mask, scaling)
+
+    def spy_mask(scores, attention_mask):
+        calls[-1]["scores"] = scores.clone()
+        return mask_scores(scores, attention_mask)
+
+    monkeypatch.setattr(attention_edits.LayerEdits, "attend", spy_attend)
+    monkeypatch.setattr(attention_edits, "_mask_scores", spy_mask)
+    return calls
+
+
+def test_pai_adds_alpha_abs_score_on_image_keys(family, monkeypatch):
+    _, model, inputs = family
+    calls = capture_scores(monkeypatch)
+    output = generate_with_mitigation(model, {"pai": {"alpha": 0.5, "layers": [1]}}, **inputs, **GREEDY)
+    assert [c["layer"] for c in calls] == [1] * (output.shape[1] - inputs["input_ids"].shape[1])
+    image = (inputs["input_ids"] == model.config.image_token_id).float()
+    assert image.sum() > 0
+    for call in calls:
+        raw = call["raw"]
+        margin = torch.nn.functional.pad(0.5 * image, (0, raw.shape[-1] - image.shape[1]))[:, None, :]
+        expected = raw.clone()
+        expected[:, :, -1, :] += margin * raw[:, :, -1, :].abs()
+        torch.testing.assert_close(call["scores"], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_pai_changes_the_answer_distribution(family):
+    _, model, inputs = family
+    plain = model.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    boosted = generate_with_mitigation(model, {"pai": {"alpha": 3.0}}, **inputs, **GREEDY, output_logits=True,
+                                       return_dict_in_generate=True)
+    assert not torch.allclose(plain.logits[0], boosted.logits[0])
+
+
+def test_var_keeps_row_mass_and_moves_only_to_image_keys(family, monkeypatch):
+    _, model, inputs = family
+    seen = []
+    redistribute = attention_edits.redistribute_sink_attention
+
+    def spy(probs, image, sinks, rows, p, summ, rho):
+        out = redistribute(probs, image, sinks, rows, p, summ, rho)
+        seen.append((probs, image, sinks, out))
+        return out
+
+    monkeypatch.setattr(attention_edits, "redistribute_sink_attention", spy)
+    options = {"sink_dims": [0, 5], "tau": 1.0, "summ": 0.01, "rho": 1.0, "layers": [1]}
+    generate_with_mitigation(model, {"var": options}, **inputs, max_new_tokens=2, do_sample=False)
+    assert len(seen) == 2  # one layer, prefill + one decode step
+    assert any(not torch.equal(out, probs) for probs, _, _, out in seen)  # some rows were image-centric
+    image_keys = inputs["input_ids"] == model.config.image_token_id
+    for probs, image, sinks, out in seen:
+        assert torch.equal(image[:, :image_keys.shape[1]], image_keys)
+        assert not (sinks[:, :image_keys.shape[1]] & (inputs["attention_mask"] == 0)).any()  # padding is no sink
+        torch.testing.assert_close(out.sum(-1), probs.sum(-1))
+        moved = out - probs
+        for b in range(probs.shape[0]):
+            assert not (moved[b][..., ~image[b] & ~sinks[b]] != 0).any()  # text keys that are no sinks keep theirs
+            assert (moved[b][..., sinks[b]] <= 1e-7).all()  # sinks only lose
+
+
+@pytest.mark.parametrize("method", ["vhr", "paint", "vcd", "icd", "lqcd", "pai:cfg=1.5"])
+def test_methods_without_an_adapter_are_refused_by_name(family, method):
+    from vlm.mitigation import parse_mitigation_arg
+
+    name, model, inputs = family
+    with pytest.raises(ValueError, match=f"{method.split(':')[0]}.*{name}"):
+        generate_with_mitigation(model, parse_mitigation_arg(method), **inputs, **GREEDY)
