@@ -2,6 +2,7 @@
 decode-time cost per token against plain greedy decoding.
 
     python -m eval.mitigation_bench --model runs/tiny --scenes runs/scenes [--split test] [--out bench.json]
+    python -m eval.mitigation_bench --hf-families llava qwen2_vl --threads 1 --rounds 10
 
 POPE: accuracy, F1 and yes-ratio (`eval.pope`, official parsing). CHAIR: CHAIR_S, CHAIR_I, recall and
 length in words (`eval.chair`) of "Describe the image in detail." captions. Cost: seconds per generated
@@ -22,6 +23,8 @@ import torch
 
 DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
 CHAIR_PROMPT = "<image>\nDescribe the image in detail."
+COST_PROMPT = "<image>\nIs there a circle in the image?"
+HF_METHODS = ["none", "pai", "var:sink_dims=0+1"]
 
 
 def spec_for(name: str, processor):
@@ -72,17 +75,21 @@ def chair_scores(model, processor, chair_inputs, method, max_new_tokens, batch_s
             "length": metrics["avg_len"], "example": captions[0]}
 
 
-def decode_costs(model, processor, image, methods, short=8, long=40, rounds=5) -> dict:
+def decode_costs(model, processor, inputs, methods, short=8, long=40, rounds=5) -> dict:
     """method -> (seconds per decoded token, seconds of the long call): the fastest of `rounds` forced-length
-    runs, with the methods interleaved in every round so that load from other processes hits them alike."""
-    prompt = "<image>\nIs there a circle in the image?"
-    inputs = processor(images=[image], text=[prompt])
+    runs on `inputs` (one prompt), with the methods interleaved in every round so that load from other
+    processes hits them alike."""
+    from vlm.mitigation import generate_with_mitigation
+
     specs = {method: spec_for(method, processor) for method in methods}
 
     def timed(method, tokens):
         start = time.perf_counter()
-        model.generate(**inputs, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
-                       mitigation=specs[method])
+        kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        if specs[method] is None:
+            model.generate(**inputs, **kwargs)
+        else:
+            generate_with_mitigation(model, specs[method], **inputs, **kwargs)
         return time.perf_counter() - start
 
     best = {method: [float("inf"), float("inf")] for method in methods}
@@ -118,10 +125,40 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def hf_family_costs(family: str, rounds: int) -> list[dict]:
+    """Decode cost per token of the methods that run on Hugging Face VLMs, on a tiny random model of `family`."""
+    from PIL import Image
+
+    from vlm.hf_models import ChatProcessor
+    from vlm.testing import tiny_hf_vlm
+
+    model, hf_processor = tiny_hf_vlm(family)
+    processor = ChatProcessor(hf_processor)
+    image = Image.new("RGB", (32, 32), (200, 30, 30))
+    inputs = processor.collate([processor.encode_prompt([{"role": "user", "content": COST_PROMPT}], [image])], [image])
+    costs = decode_costs(model, processor, inputs, HF_METHODS, rounds=rounds)
+    plain = costs["none"]
+    return [{"family": family, "method": method, "ms_per_token": 1000 * per_token,
+             "cost_per_token": per_token / plain[0], "cost_e2e": end_to_end / plain[1]}
+            for method, (per_token, end_to_end) in costs.items()]
+
+
+def hf_main(families: list[str], rounds: int):
+    rows = [row for family in families for row in hf_family_costs(family, rounds)]
+    print("| family | method | ms_per_token | cost_per_token | cost_e2e |\n|---|---|---|---|---|")
+    for row in rows:
+        print(f"| {row['family']} | {row['method']} | {row['ms_per_token']:.2f} | {row['cost_per_token']:.3f} | "
+              f"{row['cost_e2e']:.3f} |")
+    return rows
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="a saved VisionLanguageModel folder with its processor")
-    parser.add_argument("--scenes", required=True, help="a folder written by `vlm data scenes`")
+    parser.add_argument("--model", help="a saved VisionLanguageModel folder with its processor")
+    parser.add_argument("--scenes", help="a folder written by `vlm data scenes`")
+    parser.add_argument("--hf-families", nargs="+", metavar="FAMILY",
+                        help="instead: the decode cost of pai and var on tiny random Hugging Face VLMs of these "
+                             "families (llava, qwen2_vl, idefics3, gemma3)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                         help="method strings as for --mitigation (e.g. 'pai:alpha=0.5'); 'none' is plain decoding")
@@ -135,6 +172,10 @@ def main(argv=None):
     parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.hf_families:
+        return hf_main(args.hf_families, args.rounds)
+    if not args.model or not args.scenes:
+        parser.error("--model and --scenes are needed (or --hf-families)")
 
     from data.images import load_image
     from eval.sources import scenes_chair, scenes_pope
@@ -163,7 +204,8 @@ def main(argv=None):
         row["seconds"] = round(time.perf_counter() - started, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    costs = decode_costs(model, processor, cost_image, ["none", *[m for m in args.methods if m != "none"]],
+    cost_inputs = processor(images=[cost_image], text=[COST_PROMPT])
+    costs = decode_costs(model, processor, cost_inputs, ["none", *[m for m in args.methods if m != "none"]],
                          rounds=args.rounds)
     plain = costs["none"]
     for row in rows:

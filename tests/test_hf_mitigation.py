@@ -114,3 +114,11 @@ def test_methods_without_an_adapter_are_refused_by_name(family, method):
     name, model, inputs = family
     with pytest.raises(ValueError, match=f"{method.split(':')[0]}.*{name}"):
         generate_with_mitigation(model, parse_mitigation_arg(method), **inputs, **GREEDY)
+
+
+def test_cost_benchmark_runs_on_a_family():
+    from eval.mitigation_bench import HF_METHODS, hf_family_costs
+
+    rows = hf_family_costs("llava", rounds=1)
+    assert [row["method"] for row in rows] == HF_METHODS
+    assert rows[0]["cost_per_token"] == 1.0 and all(row["ms_per_token"] > 0 for row in rows)
