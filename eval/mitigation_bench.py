@@ -24,7 +24,7 @@ import torch
 DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
 CHAIR_PROMPT = "<image>\nDescribe the image in detail."
 COST_PROMPT = "<image>\nIs there a circle in the image?"
-HF_METHODS = ["none", "pai", "var:sink_dims=0+1"]
+HF_METHODS = ["none", "pai", "var:sink_dims=0+1", "vcd"]
 
 
 def spec_for(name: str, processor):
@@ -157,7 +157,7 @@ def main(argv=None):
     parser.add_argument("--model", help="a saved VisionLanguageModel folder with its processor")
     parser.add_argument("--scenes", help="a folder written by `vlm data scenes`")
     parser.add_argument("--hf-families", nargs="+", metavar="FAMILY",
-                        help="instead: the decode cost of pai and var on tiny random Hugging Face VLMs of these "
+                        help="instead: the decode cost of pai, var and vcd on tiny random Hugging Face VLMs of these "
                              "families (llava, qwen2_vl, idefics3, gemma3)")
     parser.add_argument("--split", default="test")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,

@@ -107,7 +107,7 @@ def test_var_keeps_row_mass_and_moves_only_to_image_keys(family, monkeypatch):
             assert (moved[b][..., sinks[b]] <= 1e-7).all()  # sinks only lose
 
 
-@pytest.mark.parametrize("method", ["vhr", "paint", "vcd", "icd", "lqcd", "pai:cfg=1.5"])
+@pytest.mark.parametrize("method", ["vhr", "paint", "icd", "lqcd", "pai:cfg=1.5"])
 def test_methods_without_an_adapter_are_refused_by_name(family, method):
     from vlm.mitigation import parse_mitigation_arg
 
@@ -122,3 +122,37 @@ def test_cost_benchmark_runs_on_a_family():
     rows = hf_family_costs("llava", rounds=1)
     assert [row["method"] for row in rows] == HF_METHODS
     assert rows[0]["cost_per_token"] == 1.0 and all(row["ms_per_token"] > 0 for row in rows)
+
+
+def test_vcd_scores_follow_the_formula_against_an_uncached_noised_reference(family):
+    """Every step's scores are (1 + alpha) l - alpha l' with the plausibility cut, l' from an independent
+    uncached forward of the noised image with the tokens generated so far."""
+    from vlm.mitigation.contrastive import contrastive_logits, diffusion_noise
+
+    name, model, batch = family
+    inputs = {k: v[:1] if k != "pixel_values" or name != "qwen2_vl" else v for k, v in batch.items()}
+    if name == "qwen2_vl":  # patches of both images are concatenated: keep the first image's
+        first = int(batch["image_grid_thw"][0].prod())
+        inputs["pixel_values"], inputs["image_grid_thw"] = batch["pixel_values"][:first], batch["image_grid_thw"][:1]
+    if name == "llava" or name == "gemma3":
+        inputs["pixel_values"] = batch["pixel_values"][:1]
+    keep = inputs["attention_mask"][0].bool()  # drop the left padding: one row, no padding
+    inputs.update({k: inputs[k][:, keep] for k in ("input_ids", "attention_mask", "token_type_ids",
+                                                   "mm_token_type_ids") if k in inputs})
+    options = {"alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0}
+    out = generate_with_mitigation(model, {"vcd": options}, **inputs, max_new_tokens=3, do_sample=False,
+                                   output_scores=True, output_logits=True, return_dict_in_generate=True)
+    noised = {**inputs, "pixel_values": diffusion_noise(inputs["pixel_values"], 500, seed=0)}
+    length = inputs["input_ids"].shape[1]
+    for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+        sequence = out.sequences[:, :length + step]
+        reference = model(**{**noised, "input_ids": sequence, "attention_mask": torch.ones_like(sequence),
+                             **({"token_type_ids": torch.nn.functional.pad(noised["token_type_ids"], (0, step))}
+                                if "token_type_ids" in noised else {}),
+                             **({"mm_token_type_ids": torch.nn.functional.pad(noised["mm_token_type_ids"], (0, step))}
+                                if "mm_token_type_ids" in noised else {})}).logits[:, -1]
+        expected = contrastive_logits(logits, reference, 1.0, 0.1)
+        finite = torch.isfinite(expected)
+        assert torch.equal(finite, torch.isfinite(scores))
+        torch.testing.assert_close(scores[finite], expected[finite], atol=1e-4, rtol=1e-4)
+

@@ -22,6 +22,7 @@ import torch
 from transformers import DynamicCache, LogitsProcessor
 
 from ..roles import TokenRole
+from .model_parts import is_suite_model
 
 INPUT_NAMES = ("input_ids", "attention_mask", "mm_token_type_ids", "pixel_values")
 
@@ -111,7 +112,7 @@ def with_noised_image(inputs: dict, step: int, seed: int) -> dict:
     if inputs.get("pixel_values") is None:
         raise ValueError("vcd distorts the image, but the input has no pixel_values")
     noised = diffusion_noise(inputs["pixel_values"], step, seed=seed)
-    return {**{k: inputs.get(k) for k in INPUT_NAMES}, "pixel_values": noised}
+    return {**inputs, "pixel_values": noised}
 
 
 def repeat_samples(inputs: dict, times: int, num_image_tokens: int) -> dict:
@@ -134,11 +135,13 @@ class ContrastBranch(LogitsProcessor):
         if not beta > 0:
             raise ValueError(f"plausibility beta must be > 0, got {beta}")
         self.model, self.inputs, self.alpha, self.beta = model, inputs, float(alpha), float(beta)
-        self.cache, self.attention_mask, self.length = None, None, None
+        self.cache, self.attention_mask, self.length, self.position_ids = None, None, None, None
 
     @torch.no_grad()
     def contrast_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The contrast branch's next-token logits after the tokens chosen so far (B, V)."""
+        if not is_suite_model(self.model):
+            return self._family_logits(input_ids)
         if self.cache is None:
             inputs = {k: v for k, v in self.inputs.items() if v is not None}
             batch = inputs["input_ids"].shape[0]
@@ -157,6 +160,31 @@ class ContrastBranch(LogitsProcessor):
             self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
             output = self.model(input_ids=new, attention_mask=self.attention_mask, cache=self.cache, use_cache=True,
                                 mm_token_type_ids=torch.full_like(new, int(TokenRole.ANSWER)), logits_to_keep=1)
+        self.length = input_ids.shape[1]
+        return output.logits[:, -1]
+
+    def _family_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The same for a Hugging Face VLM: positions as its own `generate` makes them (from the attention mask at
+        prefill, Qwen2-VL's M-RoPE included; then one more per step), its processor's inputs passed as they are."""
+        if self.cache is None:
+            inputs = {k: v.to(input_ids.device) for k, v in self.inputs.items() if v is not None}
+            if input_ids.shape[0] != inputs["input_ids"].shape[0]:
+                raise ValueError("contrastive decoding on this model needs one sequence per prompt "
+                                 "(num_return_sequences=1)")
+            self.attention_mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
+            inputs["attention_mask"] = self.attention_mask
+            self.position_ids = self.model._prepare_position_ids_for_generation(inputs["input_ids"], inputs)
+            self.cache = DynamicCache(config=self.model.config.get_text_config())
+            output = self.model(**inputs, position_ids=self.position_ids, past_key_values=self.cache, use_cache=True,
+                                logits_to_keep=1)
+        else:
+            if input_ids.shape[1] != self.length + 1:
+                raise RuntimeError("the contrast branch expects exactly one new token per step")
+            new = input_ids[:, -1:]
+            self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
+            self.position_ids = self.position_ids[..., -1:] + 1
+            output = self.model(input_ids=new, attention_mask=self.attention_mask, position_ids=self.position_ids,
+                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
         self.length = input_ids.shape[1]
         return output.logits[:, -1]
 

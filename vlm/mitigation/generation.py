@@ -8,6 +8,8 @@ when generation ends, also after an exception.
 
 from contextlib import ExitStack
 
+import torch
+
 from transformers import LogitsProcessorList
 
 from .attention import AttentionEdits, check_head_count, head_scale_from_sensitivity
@@ -34,7 +36,11 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
         kwargs["input_ids"] = args[0]
     methods = resolve_mitigation(mitigation, len(decoder_layers(model)))
     check_supported(model, methods)
-    inputs = {name: kwargs.get(name) for name in INPUT_NAMES}
+    if is_suite_model(model):
+        inputs = {name: kwargs.get(name) for name in INPUT_NAMES}
+    else:  # every tensor the family's processor gave (image_grid_thw, pixel_attention_mask, token_type_ids, ...)
+        inputs = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
+        inputs.setdefault("mm_token_type_ids", None)
     if inputs["input_ids"] is None:
         raise ValueError("mitigation needs input_ids (generation from inputs_embeds is not supported)")
     branch_users = contrast_branch_users(methods)

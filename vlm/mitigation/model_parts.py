@@ -12,8 +12,9 @@ import torch
 
 from ..roles import TokenRole
 
-# What runs on a Hugging Face VLM so far: the attention edits, which need no more than the above.
-HF_METHODS = ("pai", "var")
+# What runs on a Hugging Face VLM so far: the attention edits, which need no more than the above, and VCD,
+# whose contrast branch follows the family's own position rule (`ContrastBranch`).
+HF_METHODS = ("pai", "var", "vcd")
 
 
 def is_suite_model(model) -> bool:
