@@ -7,9 +7,46 @@ import sys
 from importlib.metadata import entry_points
 
 
+BACKBONES = {  # family -> (timm names, operator)
+    "vit": ("vit_{tiny,small,base}_patch16_224", "ViT from timm: softmax attention"),
+    "davit": ("davit_{tiny,small,base}", "DaViT from timm: spatial + channel attention"),
+    "lookupvit": ("lookupvit_{tiny,small,base}_patch16_224", "compressed tokens, bidirectional cross-attention"),
+    "biformer": ("biformer_{tiny,small,base}", "bi-level routing attention"),
+    "vim": ("vim_{tiny,small,base}_patch16_224", "Vision Mamba: bidirectional selective scan"),
+    "vig": ("vig_{tiny,small,base}_patch16_224", "bidirectional gated linear attention"),
+}
+
+
+def list_command(args) -> int:
+    """Print the entries of one kind, one per line: name, description (and options)."""
+    if args.kind == "backbones":
+        rows = [(name, f"{description}; timm names {names}") for name, (names, description) in BACKBONES.items()]
+    elif args.kind == "modes":
+        from .masks import ATTENTION_MODE_DESCRIPTIONS
+
+        rows = list(ATTENTION_MODE_DESCRIPTIONS.items())
+    else:
+        from .mitigation.spec import METHOD_DEFAULTS, METHOD_DESCRIPTIONS
+
+        rows = [(name, f"{description}; options: " + ", ".join(
+            f"{key}={value}" for key, value in METHOD_DEFAULTS[name].items() if key != "processor"))
+            for name, description in METHOD_DESCRIPTIONS.items()]
+    width = max(len(name) for name, _ in rows)
+    for name, description in rows:
+        print(f"{name:<{width}}  {description}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from importlib.metadata import version
+
     parser = argparse.ArgumentParser(prog="vlm", description="Build, train, run and evaluate vision-language models.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('vlm-suite')}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    listing = subparsers.add_parser("list", help="list the backbones, attention modes or mitigation methods",
+                                    description="List the backbones, attention modes or mitigation methods.")
+    listing.add_argument("kind", choices=["backbones", "modes", "mitigations"], help="what to list")
+    listing.set_defaults(func=list_command)
     for entry in sorted(entry_points(group="vlm.commands"), key=lambda e: e.name):
         entry.load()(subparsers)
     return parser

@@ -22,13 +22,14 @@ import torch
 
 from .roles import TokenRole
 
-ATTENTION_MODES = (
-    "causal",
-    "bidirectional_visual",
-    "modality_mutual",
-    "modality_mutual+bidirectional_visual",
-    "prefix",
-)
+ATTENTION_MODE_DESCRIPTIONS = {
+    "causal": "plain causal attention (LLaVA)",
+    "bidirectional_visual": "tokens of one image see each other both ways (Croc)",
+    "modality_mutual": "image tokens also see the prompt after them, never the answer (AKI)",
+    "modality_mutual+bidirectional_visual": "both of the above",
+    "prefix": "everything before the first answer sees everything before it (PaliGemma's prefix-LM)",
+}
+ATTENTION_MODES = tuple(ATTENTION_MODE_DESCRIPTIONS)
 
 
 def check_attention_mode(mode: str) -> str:

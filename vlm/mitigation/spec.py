@@ -29,6 +29,16 @@ METHOD_DEFAULTS = {
     "lqcd": {"alpha": 1.0, "beta": 0.1, "leading": None, "processor": None, "suffix": " I am sure it is there, right?"},
 }
 
+METHOD_DESCRIPTIONS = {
+    "vhr": "reinforces vision-aware attention heads (measured against an image-free pass)",
+    "pai": "raises attention to image tokens in chosen layers",
+    "paint": "as PAI, separately for informative and summary visual tokens",
+    "var": "moves attention from visual sink tokens to the other image tokens",
+    "vcd": "contrastive decoding against a noised image",
+    "icd": "contrastive decoding against a disturbed instruction",
+    "lqcd": "contrastive decoding against a leading query",
+}
+
 ATTENTION_METHODS = ("pai", "paint", "var")
 CONTRASTIVE_METHODS = ("vcd", "icd", "lqcd")
 
