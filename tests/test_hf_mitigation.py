@@ -107,7 +107,7 @@ def test_var_keeps_row_mass_and_moves_only_to_image_keys(family, monkeypatch):
             assert (moved[b][..., sinks[b]] <= 1e-7).all()  # sinks only lose
 
 
-@pytest.mark.parametrize("method", ["vhr", "paint", "icd", "lqcd", "pai:cfg=1.5"])
+@pytest.mark.parametrize("method", ["vhr", "paint", "icd", "lqcd"])
 def test_methods_without_an_adapter_are_refused_by_name(family, method):
     from vlm.mitigation import parse_mitigation_arg
 
@@ -156,3 +156,25 @@ def test_vcd_scores_follow_the_formula_against_an_uncached_noised_reference(fami
         assert torch.equal(finite, torch.isfinite(scores))
         torch.testing.assert_close(scores[finite], expected[finite], atol=1e-4, rtol=1e-4)
 
+
+
+def test_pai_guidance_contrasts_with_the_prompt_without_its_image(family):
+    """PAI's cfg: scores are gamma l_c + (1 - gamma) l_u with the plausibility cut, l_u from an independent forward
+    of the prompt without its image tokens (and without pixels)."""
+    from vlm.mitigation.contrastive import contrastive_logits
+
+    _, model, batch = family
+    out = generate_with_mitigation(model, {"pai": {"alpha": 0.0, "layers": [0], "cfg": 1.5, "cfg_beta": 0.1}},
+                                   **batch, max_new_tokens=3, do_sample=False, output_scores=True,
+                                   output_logits=True, return_dict_in_generate=True)
+    length = batch["input_ids"].shape[1]
+    for row in range(batch["input_ids"].shape[0]):
+        keep = batch["attention_mask"][row].bool() & (batch["input_ids"][row] != model.config.image_token_id)
+        prompt = batch["input_ids"][row][keep]
+        for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
+            sequence = torch.cat([prompt, out.sequences[row, length:length + step]])[None]
+            unconditional = model(input_ids=sequence).logits[:, -1]
+            expected = contrastive_logits(logits[row:row + 1], unconditional, 0.5, 0.1)
+            finite = torch.isfinite(expected)
+            assert torch.equal(finite, torch.isfinite(scores[row:row + 1]))
+            torch.testing.assert_close(scores[row:row + 1][finite], expected[finite], atol=1e-4, rtol=1e-4)

@@ -69,8 +69,20 @@ def _rows(inputs: dict) -> list[dict]:
     return [{"input_ids": ids[i][keep[i]].tolist(), "roles": roles[i][keep[i]].tolist()} for i in range(len(ids))]
 
 
-def without_image(inputs: dict, pad_id: int) -> dict:
-    """PAI's unconditional input: the same prompt with its image tokens removed (and no pixel values)."""
+def without_image(inputs: dict, pad_id: int, image_token_id: int | None = None) -> dict:
+    """PAI's unconditional input: the same prompt with its image tokens removed (and no pixel values).
+
+    With `image_token_id` (a Hugging Face VLM's inputs, which carry no roles of ours) the tokens of that id go,
+    and the result has no roles either."""
+    if image_token_id is not None:
+        ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        keep = (ids != image_token_id) & (torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
+        rows = [{"input_ids": ids[i][keep[i]].tolist(), "roles": [int(TokenRole.PROMPT)] * int(keep[i].sum())}
+                for i in range(len(ids))]
+        batch = _left_pad(rows, pad_id)
+        del batch["mm_token_type_ids"]
+        return batch
     rows = [{"input_ids": [t for t, r in zip(row["input_ids"], row["roles"]) if r != TokenRole.IMAGE],
              "roles": [r for r in row["roles"] if r != TokenRole.IMAGE]} for row in _rows(inputs)]
     return _left_pad(rows, pad_id)

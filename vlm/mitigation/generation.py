@@ -38,9 +38,9 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
     check_supported(model, methods)
     if is_suite_model(model):
         inputs = {name: kwargs.get(name) for name in INPUT_NAMES}
-    else:  # every tensor the family's processor gave (image_grid_thw, pixel_attention_mask, token_type_ids, ...)
+    else:  # every tensor the family's processor gave (image_grid_thw, pixel_attention_mask, token_type_ids, ...);
+        # Qwen2-VL's own mm_token_type_ids among them are passed on as they are, never read as our roles
         inputs = {name: value for name, value in kwargs.items() if isinstance(value, torch.Tensor)}
-        inputs.setdefault("mm_token_type_ids", None)
     if inputs["input_ids"] is None:
         raise ValueError("mitigation needs input_ids (generation from inputs_embeds is not supported)")
     branch_users = contrast_branch_users(methods)
@@ -101,7 +101,8 @@ def _contrast_branch(model, name, options, inputs) -> ContrastBranch:
     elif name == "lqcd":
         contrast = _leading_inputs(options, inputs)
     else:  # PAI / PAINT text-only guidance: gamma (l_c - l_u) + l_u == (1 + alpha) l_c - alpha l_u, alpha = gamma - 1
-        contrast = without_image(inputs, model.generation_config.pad_token_id or 0)
+        contrast = without_image(inputs, model.generation_config.pad_token_id or 0,
+                                 None if is_suite_model(model) else model.config.image_token_id)
         return ContrastBranch(model, contrast, options["cfg"] - 1.0, options["cfg_beta"])
     return ContrastBranch(model, contrast, options["alpha"], options["beta"])
 

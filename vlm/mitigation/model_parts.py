@@ -12,8 +12,8 @@ import torch
 
 from ..roles import TokenRole
 
-# What runs on a Hugging Face VLM so far: the attention edits, which need no more than the above, and VCD,
-# whose contrast branch follows the family's own position rule (`ContrastBranch`).
+# What runs on a Hugging Face VLM so far: the attention edits, which need no more than the above, and VCD and
+# PAI's text-only guidance (`cfg`), whose contrast branch follows the family's own position rule (`ContrastBranch`).
 HF_METHODS = ("pai", "var", "vcd")
 
 
@@ -27,8 +27,7 @@ def check_supported(model, methods: dict) -> None:
     """Refuse, by name, a method of `{method: options}` that cannot run on `model` (never a silent no-op)."""
     if is_suite_model(model):
         return
-    missing = [name for name, options in methods.items()
-               if name not in HF_METHODS or (options or {}).get("cfg") is not None]  # cfg: PAI's contrast branch
+    missing = [name for name in methods if name not in HF_METHODS]
     if missing:
         raise ValueError(f"mitigation {', '.join(missing)} is not available for {model.config.model_type} models "
                          f"({type(model).__name__}) yet; on Hugging Face VLMs these run: {', '.join(HF_METHODS)}")
