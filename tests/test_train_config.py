@@ -66,3 +66,13 @@ def test_command_line_builds_the_config():
     assert config.resume and config.optim.lr == 0.002 and config.max_steps == 7
     assets = parser.parse_args(["assets", "smollm2", "--out", "somewhere"])
     assert assets.out == "somewhere" and callable(assets.func)
+
+
+def test_shipped_recipes_are_nameable_from_any_folder(tmp_path, monkeypatch):
+    from train.config import shipped_recipes
+
+    monkeypatch.chdir(tmp_path)
+    assert "demo_tiny" in shipped_recipes()
+    assert load_config("demo_tiny") == load_config(RECIPES[[p.stem for p in RECIPES].index("demo_tiny")])
+    with pytest.raises(ConfigError, match="demo_tiny"):
+        load_config("demo_tinny")  # the refusal lists the shipped names

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -105,3 +106,21 @@ def test_cpu_launch_without_mpirun_is_refused(tmp_path, scenes, monkeypatch):
         monkeypatch.setenv(name, value)
     with pytest.raises(RuntimeError, match="torchrun"):
         train(recipe(tmp_path / "run", scenes))
+
+
+@pytest.mark.slow
+def test_documented_launch_form_ignores_the_users_files(tmp_path, scenes):
+    """`accelerate launch "$(which vlm)" train ...` from a folder holding a train.py, data.py and eval.py of the
+    user's: the installed entry point does not put the working folder first on sys.path, so ours run."""
+    work = tmp_path / "work"
+    work.mkdir()
+    for name in ("train.py", "data.py", "eval.py"):
+        (work / name).write_text(f"raise SystemExit('the user\\'s {name} ran')\n")
+    vlm = Path(sys.executable).parent / "vlm"
+    launcher = (sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", str(vlm), "train")
+    env = {key: value for key, value in run_env().items() if key != "PYTHONPATH"}
+    result = subprocess.run([*launcher, "--config", "demo_tiny", *overrides(tmp_path / "run", scenes, "max_steps=2")],
+                            cwd=work, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (tmp_path / "run" / "final" / "config.json").is_file()

@@ -6,7 +6,8 @@ import argparse
 
 
 def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--config", required=True, help="recipe YAML (train/configs/*.yaml)")
+    parser.add_argument("--config", required=True,
+                        help="recipe YAML, or the name of a shipped recipe (demo_tiny, smollm2_lora_scenes, ...)")
     parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
 

@@ -305,14 +305,32 @@ def apply_override(values: dict, override: str) -> dict:
     return values
 
 
+RECIPES_DIR = Path(__file__).parent / "configs"
+
+
+def shipped_recipes() -> list[str]:
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path) -> Path:
+    """A recipe file, or the name of a shipped one (`demo_tiny` -> train/configs/demo_tiny.yaml)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    if path.suffix == "" and (RECIPES_DIR / f"{path.name}.yaml").is_file() and len(path.parts) == 1:
+        return RECIPES_DIR / f"{path.name}.yaml"
+    raise ConfigError(f"{name_or_path}: no such recipe file, nor a shipped recipe ({', '.join(shipped_recipes())})")
+
+
 def load_config(path=None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
-    """Read a recipe YAML (or start from the defaults when `path` is None) and apply `key=value` overrides.
+    """Read a recipe YAML (a path or a shipped recipe's name; the defaults when `path` is None) and apply
+    `key=value` overrides.
 
     The defaults are filled in first so overrides can reach into nested sections and list items."""
     values = config_to_dict(TrainConfig())
     values["data"]["sources"] = []
     if path is not None:
-        path = Path(path)
+        path = resolve_recipe(path)
         try:
             loaded = yaml.safe_load(path.read_text()) or {}
         except yaml.YAMLError as error:
