@@ -15,7 +15,7 @@ import torch
 
 from data.images import DEFAULT_MAX_PIXELS
 
-from .inference import Request, check_mitigation_support, collect_image_paths, generate_answers, load_model
+from .inference import Request, collect_image_paths, generate_answers, load_model
 
 CAPTION_PROMPT = "Describe the image."
 
@@ -63,9 +63,12 @@ def _text_streamer(processor):
 
 
 def _load_model(args, generation_kwargs):
+    """The model and processor; mitigation methods the model cannot run are refused now, before any answer."""
     model, processor = load_model(args.model, args.device, args.dtype)
     if generation_kwargs.get("mitigation"):
-        check_mitigation_support(model, generation_kwargs["mitigation"])
+        from vlm.mitigation import check_supported
+
+        check_supported(model, generation_kwargs["mitigation"])
     return model, processor
 
 

@@ -113,13 +113,6 @@ def _describe(error: Exception) -> str:
     return f"{type(error).__name__}: {error}"
 
 
-def check_mitigation_support(model, mitigation):
-    """Refuse mitigation methods that cannot act on `model` (a silent no-op would report unmitigated numbers)."""
-    from vlm.mitigation import check_supported, normalize_spec
-
-    check_supported(model, normalize_spec(mitigation))
-
-
 @torch.no_grad()
 def generate_batch(model, processor, prepared: list, generation_kwargs: dict, streamer=None) -> list[str]:
     """Answers for prepared `(encoded, images)` pairs, generated as one left-padded batch."""
@@ -154,8 +147,6 @@ def generate_answers(model, processor, requests: list[Request], generation_kwarg
     if streamer is not None and batch_size != 1:
         raise ValueError("streaming prints one answer at a time: use batch_size=1")
     generation_kwargs = dict(generation_kwargs or {})
-    if generation_kwargs.get("mitigation"):
-        check_mitigation_support(model, generation_kwargs["mitigation"])
     bar = tqdm(total=len(requests), disable=not progress, unit="req", dynamic_ncols=True)
     try:
         for start in range(0, len(requests), batch_size):

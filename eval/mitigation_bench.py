@@ -24,7 +24,7 @@ import torch
 DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
 CHAIR_PROMPT = "<image>\nDescribe the image in detail."
 COST_PROMPT = "<image>\nIs there a circle in the image?"
-HF_METHODS = ["none", "pai", "var:sink_dims=0+1", "vcd"]
+HF_BENCH_METHODS = ["none", "pai", "var:sink_dims=0+1", "vcd"]
 
 
 def spec_for(name: str, processor):
@@ -136,7 +136,7 @@ def hf_family_costs(family: str, rounds: int) -> list[dict]:
     processor = ChatProcessor(hf_processor)
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     inputs = processor.collate([processor.encode_prompt([{"role": "user", "content": COST_PROMPT}], [image])], [image])
-    costs = decode_costs(model, processor, inputs, HF_METHODS, rounds=rounds)
+    costs = decode_costs(model, processor, inputs, HF_BENCH_METHODS, rounds=rounds)
     plain = costs["none"]
     return [{"family": family, "method": method, "ms_per_token": 1000 * per_token,
              "cost_per_token": per_token / plain[0], "cost_e2e": end_to_end / plain[1]}

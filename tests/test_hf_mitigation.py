@@ -5,11 +5,11 @@ VAR keeps every row's mass, and methods without an adapter are refused by name."
 import pytest
 import torch
 from PIL import Image
-from transformers.models.llama.modeling_llama import repeat_kv
 
 import vlm.mitigation.attention as attention_edits
 from vlm.mitigation import generate_with_mitigation
 from vlm.testing import TINY_HF_FAMILIES, tiny_hf_vlm
+from test_mitigation_edits import capture_scores
 
 PROMPTS = ["<image>\nIs there a star?", "<image>\nDescribe the image in detail please."]
 IMAGES = [Image.new("RGB", (40, 30), (200, 30, 30)), Image.linear_gradient("L").convert("RGB").resize((36, 36))]
@@ -40,24 +40,6 @@ def test_edited_path_with_zero_alpha_is_plain_generate(family):
     assert model.get_decoder().config._attn_implementation == "sdpa"  # restored
 
 
-def capture_scores(monkeypatch):
-    calls = []
-    attend, mask_scores = attention_edits.LayerEdits.attend, attention_edits._mask_scores
-
-    def spy_attend(self, module, query, key, value, attention_mask, scaling):
-        calls.append({"layer": self.layer_index, "raw": query @ repeat_kv(key, module.num_key_value_groups)
-                      .transpose(2, 3) * scaling})
-        return attend(self, module, query, key, value, attention_mask, scaling)
-
-    def spy_mask(scores, attention_mask):
-        calls[-1]["scores"] = scores.clone()
-        return mask_scores(scores, attention_mask)
-
-    monkeypatch.setattr(attention_edits.LayerEdits, "attend", spy_attend)
-    monkeypatch.setattr(attention_edits, "_mask_scores", spy_mask)
-    return calls
-
-
 def test_pai_adds_alpha_abs_score_on_image_keys(family, monkeypatch):
     _, model, inputs = family
     calls = capture_scores(monkeypatch)
@@ -66,7 +48,7 @@ def test_pai_adds_alpha_abs_score_on_image_keys(family, monkeypatch):
     image = (inputs["input_ids"] == model.config.image_token_id).float()
     assert image.sum() > 0
     for call in calls:
-        raw = call["raw"]
+        raw = call["query"] @ call["key"].transpose(2, 3) * call["scaling"]
         margin = torch.nn.functional.pad(0.5 * image, (0, raw.shape[-1] - image.shape[1]))[:, None, :]
         expected = raw.clone()
         expected[:, :, -1, :] += margin * raw[:, :, -1, :].abs()
@@ -117,10 +99,10 @@ def test_methods_without_an_adapter_are_refused_by_name(family, method):
 
 
 def test_cost_benchmark_runs_on_a_family():
-    from eval.mitigation_bench import HF_METHODS, hf_family_costs
+    from eval.mitigation_bench import HF_BENCH_METHODS, hf_family_costs
 
     rows = hf_family_costs("llava", rounds=1)
-    assert [row["method"] for row in rows] == HF_METHODS
+    assert [row["method"] for row in rows] == HF_BENCH_METHODS
     assert rows[0]["cost_per_token"] == 1.0 and all(row["ms_per_token"] > 0 for row in rows)
 
 

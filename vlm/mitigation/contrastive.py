@@ -151,52 +151,40 @@ class ContrastBranch(LogitsProcessor):
 
     @torch.no_grad()
     def contrast_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The contrast branch's next-token logits after the tokens chosen so far (B, V)."""
-        if not is_suite_model(self.model):
-            return self._family_logits(input_ids)
+        """The contrast branch's next-token logits after the tokens chosen so far (B, V).
+
+        A `VisionLanguageModel` takes its positions from the attention mask and its decode steps as answer
+        tokens; a Hugging Face VLM gets its positions as its own `generate` makes them (from the mask at prefill,
+        Qwen2-VL's M-RoPE included, then one more per step)."""
+        suite = is_suite_model(self.model)
         if self.cache is None:
             inputs = {k: v for k, v in self.inputs.items() if v is not None}
             batch = inputs["input_ids"].shape[0]
             if input_ids.shape[0] != batch:
-                if input_ids.shape[0] % batch:
-                    raise ValueError(f"contrast input has {batch} rows, generate has {input_ids.shape[0]}")
+                if input_ids.shape[0] % batch or not suite:
+                    raise ValueError(f"contrast input has {batch} rows, generate has {input_ids.shape[0]} "
+                                     "(on Hugging Face VLMs: one sequence per prompt)")
                 inputs = repeat_samples(inputs, input_ids.shape[0] // batch, self.model.num_image_tokens)
             inputs = {k: v.to(input_ids.device) for k, v in inputs.items()}
-            self.attention_mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-            self.cache = DynamicCache(config=self.model.language_model.config)
+            self.attention_mask = inputs["attention_mask"] = inputs.get("attention_mask",
+                                                                         torch.ones_like(inputs["input_ids"]))
+            if not suite:
+                inputs["position_ids"] = self.model._prepare_position_ids_for_generation(inputs["input_ids"], inputs)
+                self.position_ids = inputs["position_ids"]
+            self.cache = DynamicCache(config=self.model.config.get_text_config())
             output = self.model(**inputs, cache=self.cache, use_cache=True, logits_to_keep=1)
         else:
             if input_ids.shape[1] != self.length + 1:
                 raise RuntimeError("the contrast branch expects exactly one new token per step")
             new = input_ids[:, -1:]
             self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
+            if suite:
+                step = {"mm_token_type_ids": torch.full_like(new, int(TokenRole.ANSWER))}
+            else:
+                self.position_ids = self.position_ids[..., -1:] + 1
+                step = {"position_ids": self.position_ids}
             output = self.model(input_ids=new, attention_mask=self.attention_mask, cache=self.cache, use_cache=True,
-                                mm_token_type_ids=torch.full_like(new, int(TokenRole.ANSWER)), logits_to_keep=1)
-        self.length = input_ids.shape[1]
-        return output.logits[:, -1]
-
-    def _family_logits(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The same for a Hugging Face VLM: positions as its own `generate` makes them (from the attention mask at
-        prefill, Qwen2-VL's M-RoPE included; then one more per step), its processor's inputs passed as they are."""
-        if self.cache is None:
-            inputs = {k: v.to(input_ids.device) for k, v in self.inputs.items() if v is not None}
-            if input_ids.shape[0] != inputs["input_ids"].shape[0]:
-                raise ValueError("contrastive decoding on this model needs one sequence per prompt "
-                                 "(num_return_sequences=1)")
-            self.attention_mask = inputs.get("attention_mask", torch.ones_like(inputs["input_ids"]))
-            inputs["attention_mask"] = self.attention_mask
-            self.position_ids = self.model._prepare_position_ids_for_generation(inputs["input_ids"], inputs)
-            self.cache = DynamicCache(config=self.model.config.get_text_config())
-            output = self.model(**inputs, position_ids=self.position_ids, past_key_values=self.cache, use_cache=True,
-                                logits_to_keep=1)
-        else:
-            if input_ids.shape[1] != self.length + 1:
-                raise RuntimeError("the contrast branch expects exactly one new token per step")
-            new = input_ids[:, -1:]
-            self.attention_mask = torch.cat([self.attention_mask, torch.ones_like(new)], dim=1)
-            self.position_ids = self.position_ids[..., -1:] + 1
-            output = self.model(input_ids=new, attention_mask=self.attention_mask, position_ids=self.position_ids,
-                                past_key_values=self.cache, use_cache=True, logits_to_keep=1)
+                                logits_to_keep=1, **step)
         self.length = input_ids.shape[1]
         return output.logits[:, -1]
 
