@@ -3,6 +3,8 @@
 import time
 from pathlib import Path
 
+from vlm.cli import positive_int
+
 from .jsonl import write_jsonl
 from .pope import POPE_STRATEGIES, generate_pope
 from .scenes import SceneConfig, generate_scenes
@@ -15,8 +17,8 @@ def register(subparsers):
 
     scenes = commands.add_parser("scenes", help="synthetic shape scenes with controllable co-occurrence bias")
     scenes.add_argument("--out", required=True, type=Path, help="output folder")
-    scenes.add_argument("--images", required=True, type=int, help="number of images over all splits")
-    scenes.add_argument("--seed", type=int, default=0)
+    scenes.add_argument("--images", required=True, type=positive_int, help="number of images over all splits")
+    scenes.add_argument("--seed", type=int, default=0, help="random seed of the scenes")
     scenes.add_argument("--size", type=int, default=None, help="image side in pixels (default: the config's, 64)")
     scenes.add_argument("--config", type=Path, default=None, help="SceneConfig as YAML or JSON (bias settings)")
     scenes.add_argument("--no-render", action="store_true", help="write the annotations only")
@@ -27,8 +29,8 @@ def register(subparsers):
     pope.add_argument("--out", required=True, type=Path, help="output folder")
     pope.add_argument("--prefix", default="pope", help="files are {prefix}_{strategy}.json")
     pope.add_argument("--images", type=int, default=500, help="images to sample (0: all eligible)")
-    pope.add_argument("--per-image", type=int, default=3, help="yes (and no) questions per image")
-    pope.add_argument("--seed", type=int, default=0)
+    pope.add_argument("--per-image", type=positive_int, default=3, help="yes (and no) questions per image")
+    pope.add_argument("--seed", type=int, default=0, help="random seed of the sampling")
     pope.set_defaults(func=run_pope)
 
 

@@ -20,6 +20,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from vlm.cli import did_you_mean
+
 from .jsonl import write_json, write_jsonl
 from .pope import POPE_STRATEGIES, generate_pope
 from .scene_text import captions, llava_records
@@ -189,9 +191,11 @@ class SceneConfig:
             raise ValueError(f"{path}: invalid YAML/JSON: {error}") from None
         if not isinstance(values, dict):
             raise ValueError(f"{path}: expected a mapping of SceneConfig fields")
-        unknown = set(values) - {f.name for f in fields(cls)}
+        known = [f.name for f in fields(cls)]
+        unknown = sorted(set(values) - set(known))
         if unknown:
-            raise ValueError(f"{path}: unknown SceneConfig field(s) {sorted(unknown)}")
+            raise ValueError(f"{path}: unknown SceneConfig field(s) {unknown} ({did_you_mean(unknown[0], known)}"
+                             f"known: {', '.join(known)})")
         try:
             return cls(**values)
         except (TypeError, ValueError) as error:
@@ -378,6 +382,11 @@ def _split_ranges(num_images: int, splits: dict) -> dict[str, range]:
     return ranges
 
 
+def _empty_splits(num_images: int, splits: dict) -> list[str]:
+    """The splits given a share of the images that `num_images` would leave without any."""
+    return [split for split, ids in _split_ranges(num_images, splits).items() if not ids and splits[split] > 0]
+
+
 def generate_scenes(out_dir, num_images: int, seed: int = 0, config: SceneConfig | None = None,
                     render: bool = True) -> dict:
     """Generate a synthetic dataset in `out_dir`; returns the paths of what was written.
@@ -389,6 +398,11 @@ def generate_scenes(out_dir, num_images: int, seed: int = 0, config: SceneConfig
     annotations are the same).
     """
     config = config or SceneConfig()
+    empty = _empty_splits(num_images, config.splits)
+    if empty:
+        enough = next(n for n in range(1, 1_000_000) if not _empty_splits(n, config.splits))
+        raise ValueError(f"{num_images} images leave the {', '.join(empty)} split(s) empty (split fractions "
+                         f"{config.splits}): give at least {enough} images")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     categories_json = [{"id": CATEGORIES[name].id, "name": name, "supercategory": CATEGORIES[name].supercategory}

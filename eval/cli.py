@@ -4,7 +4,8 @@ Inference prints one line per image (`path<TAB>caption`), or JSON Lines with `--
 (missing, corrupt or oversized image, too-long prompt) is reported for that input, the others still complete,
 and the exit code is 1. Evaluations write resumable answers files, `NAME_summary.json` and plots into `--out`
 (see `eval.report`).
-Fatal problems (no model folder, settings that differ from a previous run's answers) exit with code 2.
+Fatal problems (no model folder, settings that differ from a previous run's answers) are raised and end the
+command with one line and exit code 2 (see `vlm.cli`).
 """
 
 import json
@@ -14,6 +15,7 @@ from pathlib import Path
 import torch
 
 from data.images import DEFAULT_MAX_PIXELS
+from vlm.cli import positive_int
 
 from .inference import Request, collect_image_paths, generate_answers, load_model
 
@@ -30,29 +32,28 @@ def add_model_arguments(parser):
 
 def add_generation_arguments(parser, max_new_tokens: int):
     group = parser.add_argument_group("decoding")
-    group.add_argument("--max-new-tokens", type=int, default=max_new_tokens)
+    group.add_argument("--max-new-tokens", type=positive_int, default=max_new_tokens, help="answer length limit in tokens")
     group.add_argument("--temperature", type=float, default=0.0,
                        help="> 0 samples at this temperature (default: greedy)")
     group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling threshold (with --temperature)")
-    group.add_argument("--num-beams", type=int, default=1, help="beam search width (default 1: no beam search)")
+    group.add_argument("--num-beams", type=positive_int, default=1, help="beam search width (1: no beam search)")
     group.add_argument("--seed", type=int, default=0, help="random seed for sampling")
     group.add_argument("--mitigation", default=None,
-                       help="decode-time hallucination mitigation, in vlm.mitigation.parse_mitigation_arg syntax")
+                       help="decode-time hallucination mitigation: vhr, pai:alpha=0.3, vcd, ... (see `vlm list mitigations`)")
     group.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                        help="refuse larger images (decompression bombs)")
 
 
 def generation_kwargs_from_args(args) -> dict:
     """`model.generate` keyword arguments from the decoding options."""
-    if args.max_new_tokens < 1 or args.num_beams < 1:
-        raise ValueError("--max-new-tokens and --num-beams must be at least 1")
     kwargs = {"max_new_tokens": args.max_new_tokens, "num_beams": args.num_beams, "do_sample": args.temperature > 0}
     if kwargs["do_sample"]:
         kwargs.update(temperature=args.temperature, top_p=args.top_p)
     if args.mitigation:
-        from vlm.mitigation import parse_mitigation_arg
+        from vlm.mitigation import check_options, parse_mitigation_arg
 
         kwargs["mitigation"] = parse_mitigation_arg(args.mitigation)
+        check_options(kwargs["mitigation"], args.num_beams)  # now, not after the model has loaded
     return kwargs
 
 
@@ -70,11 +71,6 @@ def _load_model(args, generation_kwargs):
 
         check_supported(model, generation_kwargs["mitigation"])
     return model, processor
-
-
-def _fail(command: str, error: Exception) -> int:
-    print(f"vlm {command}: error: {error}", file=sys.stderr)
-    return 2
 
 
 def _print_record(args, record: dict, label_field: str | None) -> bool:
@@ -118,27 +114,21 @@ def _check_stream(args):
 
 
 def caption_command(args) -> int:
-    try:
-        _check_stream(args)
-        generation_kwargs = generation_kwargs_from_args(args)
-        paths = collect_image_paths(args.images)
-        if not paths:
-            raise ValueError(f"no image files found in {', '.join(args.images)}")
-        model, processor = _load_model(args, generation_kwargs)
-    except (OSError, ValueError, ImportError) as error:
-        return _fail("caption", error)
+    _check_stream(args)
+    generation_kwargs = generation_kwargs_from_args(args)
+    paths = collect_image_paths(args.images)
+    if not paths:
+        raise ValueError(f"no image files found in {', '.join(args.images)}")
+    model, processor = _load_model(args, generation_kwargs)
     torch.manual_seed(args.seed)
     requests = [Request({"file": str(path)}, args.prompt, [path]) for path in paths]
     return _answer_and_print(args, model, processor, requests, generation_kwargs, "file")
 
 
 def ask_command(args) -> int:
-    try:
-        _check_stream(args)
-        generation_kwargs = generation_kwargs_from_args(args)
-        model, processor = _load_model(args, generation_kwargs)
-    except (OSError, ValueError, ImportError) as error:
-        return _fail("ask", error)
+    _check_stream(args)
+    generation_kwargs = generation_kwargs_from_args(args)
+    model, processor = _load_model(args, generation_kwargs)
     torch.manual_seed(args.seed)
     args.batch_size = 1
     request = Request({"file": str(args.image), "question": args.question}, args.question, [args.image])
@@ -149,8 +139,8 @@ def ask_command(args) -> int:
 def _add_eval_arguments(parser, max_new_tokens: int):
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for answers, summary and plots")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--limit", type=int, default=None, help="evaluate only the first N inputs (per split)")
+    parser.add_argument("--batch-size", type=positive_int, default=8, help="images answered together")
+    parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N inputs (per split)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard earlier answers in --out instead of resuming (needed when settings changed)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -253,18 +243,14 @@ def _vqa_eval(args, model, processor, generation_kwargs, model_name):
 
 def eval_command(args) -> int:
     from .report import write_report
-    from .runner import SettingsMismatchError
 
-    try:
-        generation_kwargs = generation_kwargs_from_args(args)
-        model, processor = _load_model(args, generation_kwargs)
-        torch.manual_seed(args.seed)
-        model_name = str(args.model.resolve())
-        result, images = args.run(args, model, processor, generation_kwargs, model_name)
-        summary = write_report(args.out, args.task, result, model_name, generation_kwargs, images,
-                               name=args.report_name(args))
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError, SettingsMismatchError) as error:
-        return _fail(f"eval {args.task}", error)
+    generation_kwargs = generation_kwargs_from_args(args)
+    model, processor = _load_model(args, generation_kwargs)
+    torch.manual_seed(args.seed)
+    model_name = str(args.model.resolve())
+    result, images = args.run(args, model, processor, generation_kwargs, model_name)
+    summary = write_report(args.out, args.task, result, model_name, generation_kwargs, images,
+                           name=args.report_name(args))
     print(json.dumps(summary["headline"], indent=1))
     print(f"summary: {summary['summary_file']}", file=sys.stderr)
     return 1 if summary["n_errors"] else 0
@@ -334,7 +320,7 @@ def register(subparsers):
     add_model_arguments(caption)
     caption.add_argument("images", nargs="+", help="image files or folders")
     caption.add_argument("--prompt", default=CAPTION_PROMPT, help=f"instruction (default: {CAPTION_PROMPT!r})")
-    caption.add_argument("--batch-size", type=int, default=8)
+    caption.add_argument("--batch-size", type=positive_int, default=8, help="images captioned together")
     caption.add_argument("--json", action="store_true", help="one JSON object per image (file, answer or error)")
     caption.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch size 1)")
     add_generation_arguments(caption, max_new_tokens=64)

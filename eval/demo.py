@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from data.scenes import typical_colour_weights
+from vlm.cli import positive_int
 
 # Tiny vision towers at 64 px for each of the six backbones: (timm name, create_model kwargs, feature layer).
 # Each gives the LLM a 4x4 grid of image tokens (16-px patches, or a stride-16 stage of the hierarchical ones),
@@ -559,15 +560,16 @@ def register(subparsers) -> None:
     parser.add_argument("--out", default="runs/demo", help="output folder (re-running resumes)")
     parser.add_argument("--backbone", default=DEFAULT_BACKBONE, choices=[*DEMO_BACKBONES, "all"],
                         help="vision backbone, or 'all' for the comparison table")
-    parser.add_argument("--attention-mode", default="causal", choices=ATTENTION_MODES)
+    parser.add_argument("--attention-mode", default="causal", choices=ATTENTION_MODES,
+                        help="attention mask of the LLM (see `vlm list modes`)")
     parser.add_argument("--minutes", type=float, default=None,
                         help=f"budget on a 2-core CPU, sets the training steps (default: {DEFAULT_STEPS} steps, about 9 "
                              f"minutes in all; --backbone all: {COMPARE_ALL_MINUTES:g} minutes for all runs)")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (overrides --minutes)")
-    parser.add_argument("--images", type=int, default=DEMO_IMAGES, help="synthetic scenes to generate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=None, help="training steps (overrides --minutes)")
+    parser.add_argument("--images", type=positive_int, default=DEMO_IMAGES, help="synthetic scenes to generate")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the scenes and the training")
     parser.add_argument("--seeds", type=int, nargs="+", default=None,
                         help="run the demo once per seed (into OUT/seed-N) and write OUT/seeds.md: each mitigation's "
                              "effect against the seed-to-seed spread")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.set_defaults(func=main)

@@ -39,7 +39,17 @@ def resolve_device(device: str = "auto") -> torch.device:
     """"auto" -> CUDA when available, else CPU; anything else is passed to `torch.device`."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise ValueError(f"--device {device!r}: {error}; use cpu, cuda, cuda:N or auto") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: no CUDA GPU is usable here (torch.cuda.is_available() is False); "
+                             f"use --device cpu or auto")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -57,7 +67,7 @@ def load_model(folder, device: str = "auto", dtype: str = "auto"):
     `VLMProcessor.save_pretrained`, or any Hugging Face image-text-to-text model with its processor (Llava,
     Qwen2-VL, Idefics3, Gemma 3, ...; see `vlm.hf_models`)."""
     from vlm import VisionLanguageModel, VLMProcessor
-    from vlm.hf_models import load_image_text_model, read_model_type
+    from vlm.hf_models import from_pretrained_checked, load_image_text_model, read_model_type
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -67,8 +77,7 @@ def load_model(folder, device: str = "auto", dtype: str = "auto"):
     if read_model_type(folder) != "vlm":
         model, processor = load_image_text_model(folder, torch_dtype)
         return model.to(torch_device), processor
-    model = VisionLanguageModel.from_pretrained(folder, dtype=torch_dtype)
-    model = model.to(torch_device).eval()
+    model = from_pretrained_checked(VisionLanguageModel, folder, torch_dtype).to(torch_device)
     processor = VLMProcessor.from_pretrained(folder)
     if processor.image_token_id != model.config.image_token_id:
         raise ValueError(f"{folder}: the processor's image token id {processor.image_token_id} differs from the "

@@ -222,7 +222,7 @@ def test_config_validation_and_files(tmp_path):
 
 
 def test_chair_vocabulary_file(tmp_path):
-    paths = generate_scenes(tmp_path, 5, seed=0, render=False)
+    paths = generate_scenes(tmp_path, 8, seed=0, render=False)
     vocabulary = json.loads(paths["chair_vocab"].read_text())
     assert vocabulary["categories"] == list(CATEGORIES)
     assert vocabulary["inverse_synonym_dict"]["crescent"] == "moon"

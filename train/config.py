@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from vlm.cli import did_you_mean
+
 STAGES = ("align", "finetune", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
@@ -132,8 +134,14 @@ class CheckpointSpec:
 
 @dataclass
 class LoggingSpec:
+    """`progress`: a tqdm bar on a terminal; off a terminal, or with `progress: false`, a line (step, loss, rate,
+    ETA) every `progress_every_s` seconds on stderr and in `out_dir/train.log`. `library_progress` keeps the
+    bars of transformers and huggingface_hub (weight saving) that are otherwise off during training."""
+
     log_every: int = 1
     progress: bool = True
+    progress_every_s: float = 30.0
+    library_progress: bool = False
     tensorboard: bool = False
     plot: bool = True
 
@@ -255,7 +263,8 @@ def _from_dict(cls, values: dict, prefix: str = ""):
     for name, value in values.items():
         key = f"{prefix}.{name}" if prefix else str(name)
         if name not in known:
-            raise ConfigError(f"unknown key {key!r} (known keys{' under ' + prefix if prefix else ''}: {sorted(known)})")
+            raise ConfigError(f"unknown key {key!r} ({did_you_mean(name, known)}known keys{' under ' + prefix if prefix else ''}: "
+                              f"{', '.join(sorted(known))})")
         kwargs[name] = _convert(value, hints[name], key)
     for item in dataclasses.fields(cls):
         if item.name not in kwargs and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
@@ -310,6 +319,21 @@ RECIPES_DIR = Path(__file__).parent / "configs"
 
 def shipped_recipes() -> list[str]:
     return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def recipe_list() -> list[tuple[str, str]]:
+    """`vlm list recipes`: each shipped recipe with its header's first sentence and its main settings."""
+    rows = []
+    for name in shipped_recipes():
+        path = RECIPES_DIR / f"{name}.yaml"
+        header = " ".join(line.lstrip("# ").strip() for line in path.read_text().splitlines()
+                          if line.startswith("#"))
+        config = load_config(path)
+        lora = config.stage.lora and config.stage.name == "finetune"  # the other stages ignore it
+        settings = f"stage={config.stage.name}{' (LoRA)' if lora else ''}, max_steps={config.max_steps}, " \
+                   f"batch_size={config.batch_size}"
+        rows.append((name, f"{header.split('. ')[0].rstrip('.')}; {settings}"))
+    return rows
 
 
 def resolve_recipe(name_or_path) -> Path:

@@ -14,7 +14,9 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -37,6 +39,48 @@ from .stages import apply_stage, parameter_groups, set_train_mode
 
 class NonFiniteLossError(FloatingPointError):
     """The loss became NaN or infinite: training stops instead of corrupting the weights."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped on SIGINT or SIGTERM after writing a checkpoint of the last finished step."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
+class StopRequest:
+    """While active, SIGINT (Ctrl-C) and SIGTERM ask the training loop to stop after the step under way, with a
+    checkpoint; a second signal stops at once. Under several processes, one process's request stops them all."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+    def __init__(self):
+        self.signum, self.previous = None, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            self.previous = {signum: signal.signal(signum, self._handle) for signum in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc_info):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+        # os.write, not print: a signal may arrive in the middle of a print to stderr
+        os.write(2, b"\nstopping after this step, with a checkpoint (signal again to stop at once)\n")
+
+    def requested(self, accelerator) -> int | None:
+        """The signal number when any process was asked to stop, else None."""
+        if accelerator.num_processes == 1:
+            return self.signum
+        received = torch.tensor([float(self.signum or 0)], device=accelerator.device)
+        received = int(accelerator.reduce(received, reduction="max").item())
+        return received or None
 
 
 def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -202,7 +246,200 @@ def train(config: TrainConfig, datasets=None) -> Path:
     folder of the final model (`out_dir/final`), loadable with `VisionLanguageModel.from_pretrained`.
 
     `datasets` (optional): map-style datasets of sample dicts used instead of `config.data.sources`
-    (one per source, for the weights; or any list, each weighted 1.0)."""
+    (one per source, for the weights; or any list, each weighted 1.0).
+    SIGINT / SIGTERM stop it after the step under way with a checkpoint, raising `TrainingInterrupted`."""
+    from transformers.utils import logging as transformers_logging
+
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    if not config.logging.library_progress:  # transformers' bars for each weight save
+        transformers_logging.disable_progress_bar()
+    try:
+        return _train(config, datasets)
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
+
+
+def _train(config: TrainConfig, datasets) -> Path:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    config.validate(check_data=datasets is None)
+    _check_cpu_launch()
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
+                              gradient_accumulation_steps=config.grad_accum * config.data.split_by_length)
+    _check_distributed_setup(accelerator, config)
+    out_dir, resume_from = _prepare_out_dir(config, accelerator)
+    set_seed(config.seed)
+
+    if datasets is None:
+        datasets = build_datasets(config.data)
+    weights = [s.weight for s in config.data.sources] if len(config.data.sources) == len(datasets) \
+        else [1.0] * len(datasets)
+    tokenizer = _run_tokenizer(config, out_dir, datasets, accelerator)
+
+    # Built identically (same seed) by every process and on resume; the checkpoint's fingerprint checks it.
+    set_seed(config.seed)
+    model, processor = build_model(config.model, tokenizer)
+    base_dir = Path(config.model.init_from) if config.model.init_from else None
+    if config.stage.name == "finetune" and config.stage.lora and base_dir is None:
+        base_dir = _save_base(model, processor, out_dir, accelerator)
+    apply_stage(model, config.stage, config.lora)
+    if config.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+    optimizer = torch.optim.AdamW(parameter_groups(model, config.optim), lr=config.optim.lr,
+                                  betas=tuple(config.optim.betas), eps=config.optim.eps)
+    # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
+    scheduler = build_scheduler(optimizer, config.schedule, config.max_steps)
+    if accelerator.state.deepspeed_plugin is not None:
+        # our data loader is not passed to prepare(), so DeepSpeed cannot read the micro-batch size from it
+        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+    model, optimizer = accelerator.prepare(model, optimizer)
+    unwrapped = accelerator.unwrap_model(model)
+    fingerprint = frozen_fingerprint(unwrapped)
+
+    step, consumed_batches = 0, 0
+    if resume_from is not None:
+        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
+        step, consumed_batches = state["step"], state["consumed_batches"]
+        if state["global_batch_size"] != config.batch_size * accelerator.num_processes:
+            raise ValueError(
+                f"{resume_from} was written with a global batch of {state['global_batch_size']} samples; this run has "
+                f"{config.batch_size * accelerator.num_processes}: keep batch_size x processes unchanged to resume"
+            )
+    if accelerator.is_main_process:
+        save_config(config, out_dir / "config.yaml")
+
+    lengths = None
+    if config.data.group_by_length:
+        lengths = [length for index, dataset in enumerate(datasets) for length in text_lengths(dataset, index)]
+    sampler = ResumableBatchSampler(
+        [len(d) for d in datasets], weights, config.batch_size * accelerator.num_processes, config.seed,
+        rank=accelerator.process_index, world_size=accelerator.num_processes, start_batch=consumed_batches,
+        lengths=lengths,
+    )
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler, num_workers=config.data.num_workers,
+        collate_fn=partial(make_collate(processor, config.data.max_length or processor.max_length).split_by_length,
+                           parts=config.data.split_by_length),
+        # its own generator: creating the iterator must not draw from the global RNG that the checkpoint restores
+        generator=torch.Generator().manual_seed(config.seed),
+    )
+    batches = iter(loader)
+    logger = MetricsLogger(out_dir, config, accelerator.is_main_process, start_step=step)
+    if resume_from is not None:
+        logger.message(f"resumed from step {step} ({resume_from})")
+    config_yaml = (out_dir / "config.yaml").read_text() if accelerator.is_main_process else ""
+    trainable_params = [p for p in model.parameters() if p.requires_grad]
+
+    def checkpoint(step: int) -> Path:
+        trainer_state = {"step": step, "consumed_batches": consumed_batches,
+                         "global_batch_size": config.batch_size * accelerator.num_processes,
+                         "num_processes": accelerator.num_processes, "frozen_fingerprint": fingerprint}
+        return save_checkpoint(out_dir / "checkpoints", step, accelerator, model, optimizer, scheduler, trainer_state,
+                               config_yaml, config.checkpoint.keep_last)
+
+    set_train_mode(unwrapped)
+    saved_step = step
+    with StopRequest() as stop:
+        while step < config.max_steps:
+            started = time.perf_counter()
+            micro_batches = [part for _ in range(config.grad_accum) for part in next(batches)]
+            consumed_batches += config.grad_accum
+            lr = config.optim.lr * scheduler.lr_lambdas[0](step)
+            lrs = dict(zip([group["name"] for group in optimizer.param_groups], scheduler.get_last_lr()))
+            loss, grad_norm, tokens = optimizer_step(accelerator, model, optimizer, micro_batches, config, step + 1,
+                                                     trainable_params)
+            scheduler.step()
+            step += 1
+            logger.log(step, loss=loss, lr=lr, lrs=lrs, grad_norm=grad_norm, tokens=tokens,
+                       samples=config.batch_size * accelerator.num_processes * config.grad_accum,
+                       seconds=time.perf_counter() - started, epoch=sampler.epoch_of(consumed_batches - 1))
+            every = config.checkpoint.save_every
+            if every and (step % every == 0 or step == config.max_steps):
+                checkpoint(step)
+                saved_step = step
+            signum = stop.requested(accelerator)
+            if signum is not None and step < config.max_steps:
+                where = checkpoint(step) if step > saved_step else latest_checkpoint(out_dir / "checkpoints")
+                message = (f"stopped by {signal.Signals(signum).name} at step {step}/{config.max_steps}; checkpoint in "
+                           f"{where}; resume with: vlm train --config {out_dir / 'config.yaml'} --resume")
+                logger.message(message)
+                logger.close()
+                raise TrainingInterrupted(message, signum)
+    logger.close()
+
+    final = out_dir / "final"
+    tmp = out_dir / "final.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    save_config(config, tmp / "train_config.yaml")
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def optimizer_step(accelerator, model, optimizer, micro_batches, config: TrainConfig, step: int,
+                   trainable_params) -> tuple[float, float | None, int]:
+    """Forward/backward over the micro-batches of one step (`grad_accum` batches, each cut in
+    `data.split_by_length` parts), then one optimizer update.
+
+    Returns (mean loss per answer token over the global batch, gradient norm before clipping, number of
+    answer tokens in the global batch)."""
+    local_tokens = sum(count_label_tokens(batch["labels"]) for batch in micro_batches)
+    global_tokens = int(accelerator.reduce(torch.tensor(local_tokens, device=accelerator.device), "sum").item())
+    if global_tokens == 0:
+        raise ValueError(f"step {step}: the batch has no answer token to learn from (check the data's labels)")
+    loss_total = torch.zeros((), device=accelerator.device)
+    grad_norm = None
+    for batch in micro_batches:
+        with accelerator.accumulate(model):
+            labels = batch.pop("labels")
+            outputs = model(**{key: value.to(accelerator.device) for key, value in batch.items()}, use_cache=False)
+            loss_sum = token_loss_sum(outputs.logits, labels)
+            # every process must take the same branch, or the others would wait for it forever
+            not_finite = torch.tensor(float(not torch.isfinite(loss_sum)), device=accelerator.device)
+            if accelerator.reduce(not_finite, "sum").item():
+                raise NonFiniteLossError(
+                    f"the loss is not finite at step {step} (NaN or inf): stopping. Lower the learning rate, "
+                    "check the data, or train in float32 (precision=fp32)"
+                )
+            # DDP averages gradients over processes and accelerate divides the loss by the number of micro-batches:
+            # undo both so the gradient is that of the mean over all answer tokens of the global batch.
+            accelerator.backward(loss_sum * (accelerator.num_processes * accelerator.gradient_accumulation_steps
+                                             / global_tokens))
+            loss_total += loss_sum.detach()
+            if accelerator.sync_gradients and config.optim.max_grad_norm:
+                grad_norm = float(accelerator.clip_grad_norm_(trainable_params, config.optim.max_grad_norm))
+            optimizer.step()  # accelerate skips it until the last micro-batch
+            optimizer.zero_grad(set_to_none=True)
+    loss = accelerator.reduce(loss_total, "sum").item() / global_tokens
+    return loss, grad_norm, global_tokens
+
+
+def train(config: TrainConfig, datasets=None) -> Path:
+    """Run the recipe `config` (in this process, or in each process of `accelerate launch`); returns the
+    folder of the final model (`out_dir/final`), loadable with `VisionLanguageModel.from_pretrained`.
+
+    `datasets` (optional): map-style datasets of sample dicts used instead of `config.data.sources`
+    (one per source, for the weights; or any list, each weighted 1.0).
+    SIGINT / SIGTERM stop it after the step under way with a checkpoint, raising `TrainingInterrupted`."""
+    from transformers.utils import logging as transformers_logging
+
+    bars_were_on = transformers_logging.is_progress_bar_enabled()
+    if not config.logging.library_progress:  # transformers' bars for each weight save
+        transformers_logging.disable_progress_bar()
+    try:
+        return _train(config, datasets)
+    finally:
+        if bars_were_on:
+            transformers_logging.enable_progress_bar()
+
+
+def _train(config: TrainConfig, datasets) -> Path:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -310,7 +547,10 @@ def train(config: TrainConfig, datasets=None) -> Path:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_arguments(parser)
-    final = train(config_from_args(parser.parse_args(argv)))
+    try:
+        final = train(config_from_args(parser.parse_args(argv)))
+    except TrainingInterrupted as interrupt:  # its message, with the resume command, is printed already
+        sys.exit(128 + interrupt.signum)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"final model: {final}")
 

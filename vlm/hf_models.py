@@ -10,6 +10,8 @@ entries of a chat message, which the template turns into the family's own image 
 """
 
 import json
+import pickle
+import re
 from pathlib import Path
 
 import torch
@@ -109,6 +111,24 @@ def read_model_type(folder) -> str | None:
     return config.get("model_type")
 
 
+def from_pretrained_checked(model_class, folder, dtype: torch.dtype = torch.float32):
+    """`model_class.from_pretrained(folder)`, refusing what transformers lets through with a warning or a page of
+    traceback: a weights file lacking some of the model's tensors (they would be random), and a pickled `.bin`
+    holding Python objects besides tensors (torch's weights-only loader stops it; unpickling it could run code)."""
+    try:
+        model, info = model_class.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        what = f"an object of type {found.group(1)}" if found else "Python objects"
+        raise ValueError(f"{folder}: its pickled weights file holds {what} besides tensors and was refused (unpickling "
+                         "it could run code); save the weights as safetensors from a copy you trust") from None
+    missing = info["missing_keys"]
+    if missing:
+        raise ValueError(f"{folder}: the weights lack {len(missing)} of the model's tensors ({', '.join(sorted(missing)[:3])}"
+                         f"{', ...' if len(missing) > 3 else ''}): the folder holds another model's weights")
+    return model.eval()
+
+
 def load_image_text_model(folder, dtype: torch.dtype = torch.float32):
     """`(model, ChatProcessor)` from a folder that `AutoModelForImageTextToText` + `AutoProcessor` load."""
     folder = Path(folder)
@@ -124,6 +144,6 @@ def load_image_text_model(folder, dtype: torch.dtype = torch.float32):
     if not hasattr(processor, "tokenizer") or not hasattr(processor, "image_processor"):
         raise ValueError(f"{folder}: AutoProcessor gave a {type(processor).__name__}, not a processor with a "
                          "tokenizer and an image processor: save the model's processor with save_pretrained")
-    model = AutoModelForImageTextToText.from_pretrained(folder, dtype=dtype).eval()
+    model = from_pretrained_checked(AutoModelForImageTextToText, folder, dtype)
     text_config = model.config.get_text_config()
     return model, ChatProcessor(processor, getattr(text_config, "max_position_embeddings", None))

@@ -13,11 +13,11 @@ from .calibration import (STATS_FILE, calibrate_mitigation_stats, load_mitigatio
                           save_mitigation_stats)
 from .generation import generate_with_mitigation, mitigated_generate
 from .model_parts import check_supported
-from .spec import (METHOD_DEFAULTS, default_layers, normalize_spec, parse_mitigation_arg, resolve_mitigation,
+from .spec import (METHOD_DEFAULTS, check_options, default_layers, normalize_spec, parse_mitigation_arg, resolve_mitigation,
                    with_processor)
 
 __all__ = [
-    "METHOD_DEFAULTS", "STATS_FILE", "calibrate_mitigation_stats", "check_supported", "default_layers",
+    "METHOD_DEFAULTS", "STATS_FILE", "calibrate_mitigation_stats", "check_options", "check_supported", "default_layers",
     "generate_with_mitigation", "load_mitigation_stats",
     "mitigated_generate", "model_mitigation_stats", "normalize_spec", "parse_mitigation_arg", "resolve_mitigation",
     "save_mitigation_stats", "with_processor",

@@ -34,7 +34,9 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
         if len(args) > 1 or "input_ids" in kwargs:
             raise TypeError("with mitigation, pass the inputs as keywords: model.generate(**inputs, mitigation=...)")
         kwargs["input_ids"] = args[0]
-    methods = resolve_mitigation(mitigation, len(decoder_layers(model)))
+    config = kwargs.get("generation_config") or model.generation_config
+    num_beams = kwargs.get("num_beams") or config.num_beams or 1
+    methods = resolve_mitigation(mitigation, len(decoder_layers(model)), num_beams)
     check_supported(model, methods)
     if is_suite_model(model):
         inputs = {name: kwargs.get(name) for name in INPUT_NAMES}
@@ -44,11 +46,6 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
     if inputs["input_ids"] is None:
         raise ValueError("mitigation needs input_ids (generation from inputs_embeds is not supported)")
     branch_users = contrast_branch_users(methods)
-    config = kwargs.get("generation_config") or model.generation_config
-    num_beams = kwargs.get("num_beams") or config.num_beams or 1
-    if branch_users and num_beams > 1:
-        raise ValueError(f"{branch_users[0]} (contrastive decoding) does not support beam search "
-                         f"(num_beams={num_beams}): use greedy or sampling")
     stats = model_mitigation_stats(model)
     with ExitStack() as stack:
         edits = _attention_edits(model, methods, stats)

@@ -134,25 +134,44 @@ def with_processor(spec, processor) -> dict:
                    else options) for name, options in spec.items()}
 
 
-def resolve_mitigation(spec, num_layers: int) -> dict:
-    """Validated `{method: complete options}` for a model with `num_layers` decoder layers.
-
-    Raises ValueError for unknown methods or options, layers out of range, and refused combinations:
-    two methods needing the contrast branch (VCD, ICD, LQCD, PAI/PAINT with `cfg`), PAI with PAINT
-    (PAINT is PAI with split margins: both would add to the same logits), and VAR with PAI/PAINT on
-    shared layers (VAR would select heads on attention PAI already moved).
-    """
+def check_options(spec, num_beams: int = 1) -> dict:
+    """`{method: complete options}` with `layers` as given (None: the default for the model's depth): all that
+    can be checked before a model is loaded. Raises ValueError for unknown methods or options, two methods
+    needing the contrast branch (VCD, ICD, LQCD, PAI/PAINT with `cfg`), PAI with PAINT (PAINT is PAI with split
+    margins: both would add to the same logits) and contrastive decoding with beam search."""
     resolved = {}
     for name, options in normalize_spec(spec).items():
         unknown = set(options) - set(METHOD_DEFAULTS[name])
         if unknown:
             raise ValueError(f"mitigation {name!r}: unknown option(s) {sorted(unknown)}; "
                              f"known: {sorted(METHOD_DEFAULTS[name])}")
-        full = {**METHOD_DEFAULTS[name], **options}
-        if "layers" in full:
-            full["layers"] = _check_layers(name, full["layers"], num_layers)
-        resolved[name] = full
-    _check_combination(resolved)
+        resolved[name] = {**METHOD_DEFAULTS[name], **options}
+    branch = contrast_branch_users(resolved)
+    if len(branch) > 1:
+        raise ValueError(f"{' and '.join(branch)} each need the contrast branch: use one of them at a time")
+    if branch and num_beams > 1:
+        raise ValueError(f"{branch[0]} (contrastive decoding) does not support beam search "
+                         f"(num_beams={num_beams}): use greedy or sampling")
+    if "pai" in resolved and "paint" in resolved:
+        raise ValueError("pai and paint both raise the same image-token logits (PAINT is PAI with split margins): "
+                         "use one of them")
+    return resolved
+
+
+def resolve_mitigation(spec, num_layers: int, num_beams: int = 1) -> dict:
+    """Validated `{method: complete options}` for a model with `num_layers` decoder layers: `check_options`,
+    the default layers filled in, and refused layers: out of range, or VAR with PAI/PAINT on shared layers
+    (VAR would select heads on attention PAI already moved)."""
+    resolved = check_options(spec, num_beams)
+    for name, options in resolved.items():
+        if "layers" in options:
+            options["layers"] = _check_layers(name, options["layers"], num_layers)
+    if "var" in resolved:
+        for name in ("pai", "paint"):
+            shared = sorted(set(resolved["var"]["layers"]) & set(resolved.get(name, {}).get("layers", [])))
+            if shared:
+                raise ValueError(f"var and {name} both edit the attention of layers {shared}: VAR would pick heads on "
+                                 f"attention {name} already moved; give them disjoint `layers`")
     return resolved
 
 
@@ -171,18 +190,3 @@ def contrast_branch_users(resolved: dict) -> list[str]:
     users = [name for name in CONTRASTIVE_METHODS if name in resolved]
     users += [name for name in ("pai", "paint") if name in resolved and resolved[name]["cfg"] is not None]
     return users
-
-
-def _check_combination(resolved):
-    branch = contrast_branch_users(resolved)
-    if len(branch) > 1:
-        raise ValueError(f"{' and '.join(branch)} each need the contrast branch: use one of them at a time")
-    if "pai" in resolved and "paint" in resolved:
-        raise ValueError("pai and paint both raise the same image-token logits (PAINT is PAI with split margins): "
-                         "use one of them")
-    if "var" in resolved:
-        for name in ("pai", "paint"):
-            shared = sorted(set(resolved["var"]["layers"]) & set(resolved.get(name, {}).get("layers", [])))
-            if shared:
-                raise ValueError(f"var and {name} both edit the attention of layers {shared}: VAR would pick heads on "
-                                 f"attention {name} already moved; give them disjoint `layers`")
