@@ -286,7 +286,7 @@ def _register_chair(tasks):
     parser.add_argument("--file-pattern", default=COCO_VAL2014_FILE, help="image file name from {image_id}")
     parser.add_argument("--ground-truth", type=Path, help="CHAIR ground truth (coco2014_chair_gt_objects.json.gz)")
     parser.add_argument("--synonyms", type=Path, help="CHAIR vocabulary (chair_synonyms.json)")
-    parser.add_argument("--prompt", default=CHAIR_PROMPT)
+    parser.add_argument("--prompt", default=CHAIR_PROMPT, help="the instruction for each caption (default: %(default)r)")
 
 
 def _register_captions(tasks):
@@ -298,7 +298,7 @@ def _register_captions(tasks):
     parser.add_argument("--karpathy-split", default=None, help="split of a Karpathy file (e.g. test)")
     parser.add_argument("--image-ids", type=Path, help="evaluate only these image ids")
     parser.add_argument("--image-root", type=Path, help="folder the image paths are relative to")
-    parser.add_argument("--prompt", default=COCO_PROMPT)
+    parser.add_argument("--prompt", default=COCO_PROMPT, help="the instruction for each caption (default: %(default)r)")
     parser.add_argument("--spice", default="auto", choices=["auto", "on", "off"],
                         help="auto: SPICE only when its CoreNLP jars are installed")
 
@@ -310,7 +310,7 @@ def _register_vqa(tasks):
     parser.add_argument("--easyvqa", choices=["train", "test"], help="use an easy-VQA split")
     parser.add_argument("--conversations", type=Path, help="LLaVA-format question/answer conversations")
     parser.add_argument("--image-root", type=Path, help="folder the conversations' images are relative to")
-    parser.add_argument("--prompt-suffix", default=VQA_PROMPT_SUFFIX)
+    parser.add_argument("--prompt-suffix", default=VQA_PROMPT_SUFFIX, help="text after each question (default: %(default)r)")
 
 
 def register(subparsers):

@@ -1,4 +1,5 @@
-"""`vlm --version` and `vlm list backbones|modes|mitigations`: every entry has a description, listed names exist."""
+"""`vlm --version` and `vlm list backbones|modes|mitigations|recipes`: every entry has a description, listed names
+exist."""
 
 import re
 from importlib.metadata import version
@@ -38,3 +39,14 @@ def test_backbone_names_exist_in_timm(capsys):
         stem, sizes, tail = re.match(r"(.*)\{(.*)\}(.*)", pattern).groups()
         for size in sizes.split(","):
             assert timm.is_model(f"{stem}{size}{tail}"), f"{stem}{size}{tail}"
+
+
+def test_recipes_are_listed_with_their_settings_and_load_by_name(capsys):
+    from train.config import load_config, shipped_recipes
+
+    recipes = listed("recipes", capsys)
+    assert list(recipes) == shipped_recipes() and "demo_tiny" in recipes
+    for name, line in recipes.items():
+        config = load_config(name)
+        assert f"stage={config.stage.name}" in line and f"max_steps={config.max_steps}" in line
+        assert len(line.split(";")[0]) > 20  # the recipe's own first sentence

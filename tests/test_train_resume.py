@@ -59,9 +59,26 @@ def recipe(out_dir, scenes, *extra):
     return load_config(DEMO_RECIPE, overrides(out_dir, scenes, *extra))
 
 
-def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, scenes):
-    train(recipe(tmp_path / "full", scenes))  # in this process (one thread, like the subprocesses)
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, scenes):
+    """The final weights of a run that nothing stopped, trained in this process (one thread, like the
+    subprocesses)."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    train(recipe(out, scenes))
+    return final_weights(out / "final")
 
+
+def wait_for_steps(process, out_dir: Path, steps: int):
+    deadline = time.time() + 120
+    metrics = out_dir / "metrics.jsonl"
+    while process.poll() is None and time.time() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= steps:
+            return
+        time.sleep(0.01)
+    raise AssertionError(f"the run ended or stalled before step {steps}")
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, scenes, uninterrupted):
     killed = tmp_path / "killed"
     process = subprocess.Popen(command(killed, scenes), cwd=REPO, env=run_env(),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -75,9 +92,41 @@ def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, scenes):
     assert not (killed / "final").exists()
 
     subprocess.run(command(killed, scenes, "--resume"), check=True, cwd=REPO, env=run_env(), capture_output=True)
-    assert max_difference(final_weights(killed / "final"), final_weights(tmp_path / "full" / "final")) < 1e-6
+    assert max_difference(final_weights(killed / "final"), uninterrupted) < 1e-6
     rows = (killed / "metrics.jsonl").read_text().splitlines()
     assert len(rows) == STEPS  # the killed run's extra rows were dropped on resume
+
+
+VLM = (sys.executable, "-m", "vlm.cli")  # `vlm` of this checkout
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_checkpoints_the_current_step_and_prints_the_resume_command(tmp_path, scenes, uninterrupted, signum):
+    out = tmp_path / "run"
+    # no periodic checkpoint before the end: the one on disk after the signal is the signal's; a progress line
+    # every step (stderr is a pipe here, not a terminal)
+    extra = ("checkpoint.save_every=100", "logging.progress_every_s=0")
+    process = subprocess.Popen(command(out, scenes, *extra, launcher=(*VLM, "train")), cwd=REPO, env=run_env(),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for_steps(process, out, 3)
+    process.send_signal(signum)
+    _, stderr = process.communicate(timeout=120)
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    newest = latest_checkpoint(out / "checkpoints")
+    step = int(newest.name.split("-")[1])
+    assert 3 <= step < STEPS and not (out / "final").exists()
+    name = signal.Signals(signum).name
+    resume = f"vlm train --config {out / 'config.yaml'} --resume"
+    assert f"stopped by {name} at step {step}/{STEPS}; checkpoint in {newest}; resume with: {resume}" in stderr
+    progress = [line for line in stderr.splitlines() if f"/{STEPS}  loss " in line]
+    assert len(progress) == step and all("steps/s  ETA " in line for line in progress)
+    assert (out / "train.log").read_text().count(" loss ") == step
+    if signum == signal.SIGTERM:
+        return
+    resumed = subprocess.run([*VLM, *resume.split()[1:]], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step} ({newest})" in resumed.stderr
+    assert max_difference(final_weights(out / "final"), uninterrupted) < 1e-6
 
 
 @pytest.mark.slow
