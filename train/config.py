@@ -1,6 +1,6 @@
 """Training configuration: one YAML file per recipe, loaded into dataclasses.
 
-    config = load_config("train/configs/demo_tiny.yaml", ["optim.lr=1e-3", "max_steps=50"])
+    config = load_config("demo_tiny", ["optim.lr=1e-3", "max_steps=50"])
     save_config(config, "run/config.yaml")
 
 Every YAML key must name a dataclass field; values are type-checked against the field's annotation, and

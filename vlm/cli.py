@@ -11,6 +11,7 @@ import difflib
 import signal
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 
 # What bad input raises in the suite: ValueError (ConfigError, DataFormatError, PromptTooLongError and plain
 # validation), OSError (missing or unreadable files, ImageLoadError) and ImportError (an optional extra absent).
@@ -95,6 +96,20 @@ def _add_debug_option(parser: argparse.ArgumentParser, top: bool = True):
                 _add_debug_option(child, top=False)
 
 
+def convert_command(args) -> int:
+    """`vlm convert --to vlm|llava SOURCE OUT`."""
+    from .llava_convert import export_llava, import_llava
+
+    if args.to == "vlm":
+        out = import_llava(args.source, args.out, args.vision_tower, args.attention_mode)
+    else:
+        if args.vision_tower or args.attention_mode != "causal":
+            raise ValueError("--vision-tower and --attention-mode are options of --to vlm")
+        out = export_llava(args.source, args.out)
+    print(f"wrote {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from importlib.metadata import version
 
@@ -106,6 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
                                     description="List the entries of one kind, each with a description and options.")
     listing.add_argument("kind", choices=kinds, help="what to list")
     listing.set_defaults(func=list_command)
+    convert = subparsers.add_parser(
+        "convert", help="LLaVA-1.5 (llava-hf or original layout) into a VisionLanguageModel folder, or back",
+        description="Convert LLaVA-1.5 checkpoints into VisionLanguageModel folders (--to vlm) and causal "
+                    "VisionLanguageModels with a CLIP tower into llava-hf folders (--to llava).")
+    convert.add_argument("--to", required=True, choices=["vlm", "llava"], help="the layout to write")
+    convert.add_argument("source", type=Path, help="the folder to convert")
+    convert.add_argument("out", type=Path, help="the folder to write")
+    convert.add_argument("--vision-tower", type=Path, default=None,
+                         help="CLIPVisionModel folder, for the original LLaVA layout (which holds no tower config)")
+    convert.add_argument("--attention-mode", default="causal", help="mask mode of the imported model (vlm list modes)")
+    convert.set_defaults(func=convert_command)
     for entry in sorted(entry_points(group="vlm.commands"), key=lambda e: e.name):
         entry.load()(subparsers)
     _add_debug_option(parser)

@@ -2,7 +2,7 @@
 
     model.generate(**inputs, mitigation=["vhr"], max_new_tokens=64)
     model.generate(**inputs, mitigation={"pai": {"alpha": 0.2}, "vcd": {"alpha": 1.0}})
-    model.generate(**inputs, mitigation=parse_mitigation_arg("vhr,pai:alpha=0.2"))
+    model.generate(**inputs, mitigation="vhr,pai:alpha=0.2")
 
 Methods (see docs/mitigation.md): `vhr` (head reinforcement, `heads.py`), `pai`, `paint`, `var` (attention
 edits through a registered attention function, `attention.py`), `vcd`, `icd`, `lqcd` (contrastive decoding
