@@ -13,6 +13,7 @@ Same seed, same numbers: the training length is a number of steps (or derived fr
 import json
 import math
 import statistics
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -42,9 +43,11 @@ DEFAULT_BACKBONE = "vit"
 DEMO_TEXT_CONFIG = dict(model_type="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4,
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                         tie_word_embeddings=True)
-STEPS_PER_MINUTE = 260  # optimizer steps of the default recipe per minute on 2 quiet CPU cores (measured: 257-263)
+# optimizer steps of the default recipe per minute on 2 quiet CPU cores: 257-263 measured on one machine, 105-110
+# on another (a 2-core AMD EPYC, 74 GFLOP/s in fp32 matmuls); --minutes budgets assume the faster one
+STEPS_PER_MINUTE = 260
 TRAIN_SHARE = 0.85  # of a --minutes budget; the rest generates data and evaluates (about 1.5 minutes)
-DEFAULT_STEPS = 2000  # 7.0-7.5 minutes of training on 2 cores (measured): the whole default run takes 8-9
+DEFAULT_STEPS = 2000  # 7.0-7.5 or 18-19 minutes of training on 2 cores (measured, see above): 10-25 in all
 COMPARE_ALL_MINUTES = 9.0  # default budget of `--backbone all`, shared by all its runs
 # The scenes: the library's co-occurring pairs (moon -> star 90%, heart -> ring 85%, flower -> drop 80% in
 # training) with large shapes, one or two independently drawn shapes per image and each shape in its typical colour
@@ -537,6 +540,17 @@ def compare_seeds(out: Path, seeds: list[int], backbone: str, attention_mode: st
 
 
 def main(args) -> int:
+    from train.finetune import TrainingInterrupted
+
+    try:
+        return _run(args)
+    except TrainingInterrupted:  # the demo resumes by itself: the training's own resume command is not needed
+        print(f"vlm demo continues where it stopped when the same command runs again (--out {args.out})",
+              file=sys.stderr)
+        raise
+
+
+def _run(args) -> int:
     if args.backbone == "all":
         compare_all(Path(args.out), args.minutes, args.seed, args.images, not args.no_progress)
         return 0
@@ -563,8 +577,9 @@ def register(subparsers) -> None:
     parser.add_argument("--attention-mode", default="causal", choices=ATTENTION_MODES,
                         help="attention mask of the LLM (see `vlm list modes`)")
     parser.add_argument("--minutes", type=float, default=None,
-                        help=f"budget on a 2-core CPU, sets the training steps (default: {DEFAULT_STEPS} steps, about 9 "
-                             f"minutes in all; --backbone all: {COMPARE_ALL_MINUTES:g} minutes for all runs)")
+                        help=f"budget on a 2-core CPU at {STEPS_PER_MINUTE} steps/min, sets the training steps (default: "
+                             f"{DEFAULT_STEPS} steps, 10-25 minutes in all by the CPU; --backbone all: "
+                             f"{COMPARE_ALL_MINUTES:g} minutes for all runs)")
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps (overrides --minutes)")
     parser.add_argument("--images", type=positive_int, default=DEMO_IMAGES, help="synthetic scenes to generate")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the scenes and the training")

@@ -1,6 +1,7 @@
-"""The attention edits (PAI, VAR) on Hugging Face VLM families: the edited attention path reproduces each family's
-own attention (its masks, sliding windows, M-RoPE), PAI adds exactly alpha |score| on the image keys of its layers,
-VAR keeps every row's mass, and methods without an adapter are refused by name."""
+"""The mitigation heads on Hugging Face VLM families: the edited attention path reproduces each family's own
+attention (its masks, sliding windows, M-RoPE), PAI adds exactly alpha |score| on the image keys of its layers,
+VAR keeps every row's mass, VHR measures its heads against the prompt without its image, VCD and PAI's guidance
+follow the contrastive formula, and methods without an adapter are refused by name."""
 
 import pytest
 import torch
@@ -89,7 +90,7 @@ def test_var_keeps_row_mass_and_moves_only_to_image_keys(family, monkeypatch):
             assert (moved[b][..., sinks[b]] <= 1e-7).all()  # sinks only lose
 
 
-@pytest.mark.parametrize("method", ["vhr", "paint", "icd", "lqcd"])
+@pytest.mark.parametrize("method", ["paint", "icd", "lqcd"])
 def test_methods_without_an_adapter_are_refused_by_name(family, method):
     from vlm.mitigation import parse_mitigation_arg
 
@@ -160,3 +161,57 @@ def test_pai_guidance_contrasts_with_the_prompt_without_its_image(family):
             finite = torch.isfinite(expected)
             assert torch.equal(finite, torch.isfinite(scores[row:row + 1]))
             torch.testing.assert_close(scores[row:row + 1][finite], expected[finite], atol=1e-4, rtol=1e-4)
+
+
+def _last_head_outputs(model, layer: int, run) -> torch.Tensor:
+    """The input of `o_proj` (the concatenated head outputs) of `layer` at the last position, while `run()` runs;
+    a hook registered first sees it before any mitigation hook changes it."""
+    from vlm.mitigation.model_parts import attention_module, decoder_layers
+
+    seen = []
+    hook = attention_module(decoder_layers(model)[layer]).o_proj.register_forward_pre_hook(
+        lambda module, args: seen.append(args[0][:, -1].detach().clone()))
+    try:
+        run()
+    finally:
+        hook.remove()
+    return seen[0]
+
+
+def test_vhr_measures_against_the_prompt_without_its_image(family):
+    from vlm.mitigation.contrastive import without_image
+    from vlm.mitigation.heads import HeadReinforcement
+
+    _, model, inputs = family
+    image = inputs["input_ids"] == model.config.image_token_id
+    heads = HeadReinforcement(model, [0], alpha=2.0)
+    paired = _last_head_outputs(model, 0, lambda: heads.select(dict(inputs), image))
+    batch = inputs["input_ids"].shape[0]
+    with torch.no_grad():
+        plain = _last_head_outputs(model, 0, lambda: model(**inputs))
+        free = without_image(inputs, model.config.get_text_config().pad_token_id or 0, model.config.image_token_id)
+        free["position_ids"] = model._prepare_position_ids_for_generation(free["input_ids"], free)
+        reference = _last_head_outputs(model, 0, lambda: model(**free))
+    torch.testing.assert_close(paired[:batch], plain, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(paired[batch:], reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, reference, atol=1e-3)  # the image matters to the heads being measured
+    selected = heads.selected[0]
+    heads_per_layer = model.config.get_text_config().num_attention_heads
+    assert selected.shape == (batch, heads_per_layer) and 0 < selected.sum() < selected.numel()
+
+
+def test_vhr_with_alpha_one_is_plain_generate_and_reinforcing_changes_the_logits(family):
+    _, model, inputs = family
+    plain = model.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    for use_cache in (True, False):
+        same = generate_with_mitigation(model, {"vhr": {"alpha": 1.0}}, **inputs, **GREEDY, use_cache=use_cache,
+                                        output_logits=True, return_dict_in_generate=True)
+        assert torch.equal(same.sequences, plain.sequences)
+        torch.testing.assert_close(same.logits[0], plain.logits[0], atol=1e-5, rtol=1e-5)
+    cached, uncached = (generate_with_mitigation(model, "vhr", **inputs, **GREEDY, use_cache=use_cache,
+                                                 output_logits=True, return_dict_in_generate=True)
+                        for use_cache in (True, False))
+    assert torch.equal(cached.sequences, uncached.sequences)
+    for a, b in zip(cached.logits, uncached.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert (cached.logits[0] - plain.logits[0]).abs().max() > 1e-4

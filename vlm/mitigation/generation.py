@@ -53,7 +53,8 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
             stack.enter_context(edits)
         if "vhr" in methods:
             heads = HeadReinforcement(model, methods["vhr"]["layers"], methods["vhr"]["alpha"])
-            heads.select(inputs, image_positions(model, inputs["input_ids"], inputs["mm_token_type_ids"]))
+            heads.select(inputs, image_positions(model, inputs["input_ids"], inputs.get("mm_token_type_ids")
+                                                 if is_suite_model(model) else None))
             stack.enter_context(heads)
         if branch_users:
             branch = _contrast_branch(model, branch_users[0], methods[branch_users[0]], inputs)

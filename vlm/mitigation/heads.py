@@ -9,13 +9,16 @@ measured after the heads of earlier layers were reinforced. The head sets stay f
 the generation (so the KV cache stays consistent).
 
 The image-free pass runs in the same batch as the normal one (2B rows): its image tokens are masked out
-as padding, and since positions count only attended tokens that equals removing them from the prompt.
+as padding, and since positions count only attended tokens that equals removing them from the prompt. On a
+Hugging Face VLM the masked placeholders also become padding ids (the family scatters image features into
+every placeholder) and each half gets the positions the family's own `generate` gives it (Qwen2-VL's M-RoPE
+then sees no image either).
 """
 
 import torch
 
 from ..roles import TokenRole
-from .model_parts import attention_module, decoder_layers, num_heads
+from .model_parts import attention_module, decoder_layers, is_suite_model, num_heads
 
 
 def select_vision_heads(divergence: torch.Tensor, text_activation: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,23 @@ def image_free_inputs(inputs: dict, image: torch.Tensor) -> dict:
     return free
 
 
+def hf_image_free_pair(model, inputs: dict, image: torch.Tensor) -> dict:
+    """A Hugging Face VLM's inputs twice over (2B rows): as given, then with the image tokens masked out as
+    padding, each half with its own positions. Per-image tensors (pixel values, grids) serve the first half,
+    the only one whose ids still hold image placeholders."""
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    full = {**inputs, "attention_mask": torch.ones_like(ids) if mask is None else mask}
+    pad_id = model.config.get_text_config().pad_token_id or 0
+    free = {name: value.masked_fill(image, pad_id if name == "input_ids" else 0)
+            for name, value in full.items() if isinstance(value, torch.Tensor) and value.shape == ids.shape}
+    halves = [full, {**full, **free}]
+    positions = [model._prepare_position_ids_for_generation(half["input_ids"], half) for half in halves]
+    paired = {**full, **{name: torch.cat([full[name], free[name]]) for name in free}}
+    paired["position_ids"] = torch.cat(positions, dim=positions[0].ndim - 2)  # (B, L), or (3, B, L) for M-RoPE
+    return paired
+
+
 class HeadReinforcement:
     """`select(inputs)` picks the heads (one extra forward); inside `with` their outputs are scaled by alpha."""
 
@@ -63,14 +83,17 @@ class HeadReinforcement:
     def select(self, inputs: dict, image: torch.Tensor) -> dict[int, torch.Tensor]:
         """Run the image / image-free pair through the model once; return layer -> (B, H) selected heads."""
         heads = num_heads(self.model)
-        free = image_free_inputs(inputs, image)
-        batch = {}
-        for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
-            if free.get(name) is not None:
-                original = inputs[name] if inputs.get(name) is not None else torch.ones_like(free[name])
-                batch[name] = torch.cat([original, free[name]])
-        if inputs.get("pixel_values") is not None:
-            batch["pixel_values"] = torch.cat([inputs["pixel_values"], inputs["pixel_values"]])
+        if is_suite_model(self.model):
+            free = image_free_inputs(inputs, image)
+            batch = {}
+            for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
+                if free.get(name) is not None:
+                    original = inputs[name] if inputs.get(name) is not None else torch.ones_like(free[name])
+                    batch[name] = torch.cat([original, free[name]])
+            if inputs.get("pixel_values") is not None:
+                batch["pixel_values"] = torch.cat([inputs["pixel_values"], inputs["pixel_values"]])
+        else:
+            batch = hf_image_free_pair(self.model, inputs, image)
 
         def measure(layer_index):
             def hook(module, args):

@@ -12,9 +12,10 @@ import torch
 
 from ..roles import TokenRole
 
-# What runs on a Hugging Face VLM so far: the attention edits, which need no more than the above, and VCD and
-# PAI's text-only guidance (`cfg`), whose contrast branch follows the family's own position rule (`ContrastBranch`).
-HF_METHODS = ("pai", "var", "vcd")
+# What runs on a Hugging Face VLM so far: the attention edits and VHR's head scaling, which need no more than the
+# above, and VCD and PAI's text-only guidance (`cfg`), whose second input follows the family's own position rule
+# (`ContrastBranch`, `heads.hf_image_free_pair`).
+HF_METHODS = ("vhr", "pai", "var", "vcd")
 
 
 def is_suite_model(model) -> bool:
