@@ -10,6 +10,7 @@ from PIL import Image
 import vlm.mitigation.attention as attention_edits
 from vlm.mitigation import generate_with_mitigation
 from vlm.testing import TINY_HF_FAMILIES, tiny_hf_vlm
+from test_mitigation_contrastive import noised_alone
 from test_mitigation_edits import capture_scores
 
 PROMPTS = ["<image>\nIs there a star?", "<image>\nDescribe the image in detail please."]
@@ -110,7 +111,7 @@ def test_cost_benchmark_runs_on_a_family():
 def test_vcd_scores_follow_the_formula_against_an_uncached_noised_reference(family):
     """Every step's scores are (1 + alpha) l - alpha l' with the plausibility cut, l' from an independent
     uncached forward of the noised image with the tokens generated so far."""
-    from vlm.mitigation.contrastive import contrastive_logits, diffusion_noise
+    from vlm.mitigation.contrastive import contrastive_logits
 
     name, model, batch = family
     inputs = {k: v[:1] if k != "pixel_values" or name != "qwen2_vl" else v for k, v in batch.items()}
@@ -125,7 +126,7 @@ def test_vcd_scores_follow_the_formula_against_an_uncached_noised_reference(fami
     options = {"alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0}
     out = generate_with_mitigation(model, {"vcd": options}, **inputs, max_new_tokens=3, do_sample=False,
                                    output_scores=True, output_logits=True, return_dict_in_generate=True)
-    noised = {**inputs, "pixel_values": diffusion_noise(inputs["pixel_values"], 500, seed=0)}
+    noised = {**inputs, "pixel_values": noised_alone(inputs["pixel_values"], seed=0)}
     length = inputs["input_ids"].shape[1]
     for step, (scores, logits) in enumerate(zip(out.scores, out.logits)):
         sequence = out.sequences[:, :length + step]
@@ -215,3 +216,16 @@ def test_vhr_with_alpha_one_is_plain_generate_and_reinforcing_changes_the_logits
     for a, b in zip(cached.logits, uncached.logits):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert (cached.logits[0] - plain.logits[0]).abs().max() > 1e-4
+
+
+def test_vcd_on_a_batch_equals_each_prompt_alone(family):
+    from vlm.hf_models import ChatProcessor
+
+    name, model, batch = family
+    options = {"vcd": {"alpha": 1.0, "beta": 0.1}}
+    together = generate_with_mitigation(model, options, **batch, **GREEDY)
+    chat = ChatProcessor(tiny_hf_vlm(name, seed=2)[1])
+    for index, (prompt, image) in enumerate(zip(PROMPTS, IMAGES)):
+        alone = chat.collate([chat.encode_prompt([{"role": "user", "content": prompt}], [image])], [image])
+        answer = generate_with_mitigation(model, options, **alone, **GREEDY)[0, alone["input_ids"].shape[1]:]
+        assert torch.equal(answer, together[index, batch["input_ids"].shape[1]:]), name

@@ -22,6 +22,15 @@ def tiny():
     return model, processor, processor(images=IMAGES, text=PROMPTS)
 
 
+def noised_alone(pixels: torch.Tensor, seed: int, step: int = 500) -> torch.Tensor:
+    """VCD's distorted pixels as each image would get them on its own: every image (the last three dims; or one
+    Qwen2-VL image's (patches, dim) tensor) noised by itself from `seed`."""
+    if pixels.ndim == 2:
+        return diffusion_noise(pixels, step, seed=seed)
+    images = pixels.reshape(-1, 1, *pixels.shape[-3:])
+    return torch.cat([diffusion_noise(image, step, seed=seed) for image in images]).reshape(pixels.shape)
+
+
 def full_forward_logits(model, inputs, new_tokens):
     """Uncached logits after each prefix of `new_tokens` (B, T, V): the prompt + tokens in one forward."""
     ids = torch.cat([inputs["input_ids"], new_tokens], 1)
@@ -52,7 +61,7 @@ def test_generated_scores_equal_the_formula_over_two_full_forwards(tiny, method)
         contrast = processor(images=IMAGES, text=PROMPTS, system=DISTURBANCE)  # built independently
     else:
         options = {"alpha": alpha, "beta": beta, "noise_step": 500, "seed": 3}
-        contrast = {**inputs, "pixel_values": diffusion_noise(inputs["pixel_values"], 500, seed=3)}
+        contrast = {**inputs, "pixel_values": noised_alone(inputs["pixel_values"], seed=3)}
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
                          mitigation={method: options})
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
@@ -158,3 +167,18 @@ def test_diffusion_noise_follows_the_schedule():
     ones = diffusion_noise(torch.ones(1, 1, 1, 1), step=0, seed=1)
     assert abs(float(ones) - math.sqrt(1 - betas[0]) - math.sqrt(betas[0]) * float(
         torch.randn(1, 1, 1, 1, generator=torch.Generator().manual_seed(1)))) < 1e-6
+
+
+def test_vcd_on_a_batch_equals_each_prompt_alone(tiny):
+    model, processor, inputs = tiny
+    options = {"vcd": {"alpha": 1.0, "beta": 0.1}}
+    together = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_scores=True,
+                              return_dict_in_generate=True, mitigation=options)
+    for index, (image, prompt) in enumerate(zip(IMAGES, PROMPTS)):
+        alone = model.generate(**processor(images=[image], text=[prompt]), max_new_tokens=4, do_sample=False,
+                               output_scores=True, return_dict_in_generate=True, mitigation=options)
+        new = together.sequences[index, inputs["input_ids"].shape[1]:]
+        assert torch.equal(alone.sequences[0, -4:], new)
+        for ours, theirs in zip(alone.scores, together.scores):
+            finite = torch.isfinite(ours[0])
+            torch.testing.assert_close(ours[0][finite], theirs[index][finite], atol=1e-4, rtol=1e-4)

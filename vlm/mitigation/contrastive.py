@@ -4,7 +4,8 @@ Every method contrasts the next-token logits l of the real input with the logits
     l_cd = (1 + alpha) * l - alpha * l',
 keeping only tokens that pass the adaptive plausibility constraint p(y) >= beta * max_w p(w) of the real
 input (on logits: l_y >= log(beta) + max l), the rest get -inf. The degraded inputs:
-- VCD: the image with forward-diffusion noise (step 500 of a 1000-step sigmoid beta schedule);
+- VCD: the image with forward-diffusion noise (step 500 of a 1000-step sigmoid beta schedule), the same
+  noise for an image alone or in a batch;
 - ICD: the instruction disturbed by a system prompt ("You are a confused object detector.");
 - LQCD: the real input is the neutral query, the contrast is the leading query the caller gives, or
   the same prompt with a leading sentence added to its last user turn;
@@ -121,9 +122,20 @@ def with_leading_suffix(inputs: dict, processor, suffix: str) -> dict:
 
 
 def with_noised_image(inputs: dict, step: int, seed: int) -> dict:
-    if inputs.get("pixel_values") is None:
+    """VCD's contrast input: each image noised with the noise drawn from `seed` for it alone, so that an image
+    is distorted alike in any batch. Qwen2-VL's flattened patches are split per image by `image_grid_thw`;
+    Idefics3's all-zero padding images stay zero (its model tells them from real ones that way)."""
+    pixels = inputs.get("pixel_values")
+    if pixels is None:
         raise ValueError("vcd distorts the image, but the input has no pixel_values")
-    noised = diffusion_noise(inputs["pixel_values"], step, seed=seed)
+    grid = inputs.get("image_grid_thw")
+    if grid is not None:  # (patches of all images, patch dim)
+        images = pixels.split(grid.prod(-1).tolist())
+        noised = torch.cat([diffusion_noise(image, step, seed=seed) for image in images])
+    else:  # (..., C, H, W)
+        images = pixels.reshape(-1, *pixels.shape[-3:])
+        noised = torch.stack([diffusion_noise(image, step, seed=seed) if image.any() else image
+                              for image in images]).reshape(pixels.shape)
     return {**inputs, "pixel_values": noised}
 
 
