@@ -24,7 +24,7 @@ import torch
 DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
 CHAIR_PROMPT = "<image>\nDescribe the image in detail."
 COST_PROMPT = "<image>\nIs there a circle in the image?"
-HF_BENCH_METHODS = ["none", "vhr", "pai", "var:sink_dims=0+1", "vcd"]
+HF_BENCH_METHODS = ["none", "vhr", "pai", "var:sink_dims=0+1", "vcd", "icd", "lqcd"]
 
 
 def spec_for(name: str, processor):

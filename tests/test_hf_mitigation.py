@@ -91,7 +91,7 @@ def test_var_keeps_row_mass_and_moves_only_to_image_keys(family, monkeypatch):
             assert (moved[b][..., sinks[b]] <= 1e-7).all()  # sinks only lose
 
 
-@pytest.mark.parametrize("method", ["paint", "icd", "lqcd"])
+@pytest.mark.parametrize("method", ["paint"])
 def test_methods_without_an_adapter_are_refused_by_name(family, method):
     from vlm.mitigation import parse_mitigation_arg
 
@@ -229,3 +229,59 @@ def test_vcd_on_a_batch_equals_each_prompt_alone(family):
         alone = chat.collate([chat.encode_prompt([{"role": "user", "content": prompt}], [image])], [image])
         answer = generate_with_mitigation(model, options, **alone, **GREEDY)[0, alone["input_ids"].shape[1]:]
         assert torch.equal(answer, together[index, batch["input_ids"].shape[1]:]), name
+
+
+DISTURBANCE, LEADING = "You are a confused object detector.", " I am sure it is there, right?"
+
+
+@pytest.mark.parametrize("method", ["icd", "lqcd"])
+def test_icd_and_lqcd_contrast_the_prompt_the_family_template_writes(family, method):
+    """The contrast input is what the family's own processor makes of the disturbed or leading prompt, and the
+    first step's scores are the contrastive formula against an independent forward of it."""
+    from vlm.hf_models import ChatProcessor
+    from vlm.mitigation.contrastive import contrastive_logits
+
+    name, model, batch = family
+    chat = ChatProcessor(tiny_hf_vlm(name, seed=2)[1])
+    if method == "icd":
+        conversations = [[{"role": "system", "content": DISTURBANCE}, {"role": "user", "content": p}] for p in PROMPTS]
+        options = {"icd": {"processor": chat.processor, "disturbance": DISTURBANCE}}  # the family's own processor
+    else:
+        conversations = [[{"role": "user", "content": p + LEADING}] for p in PROMPTS]
+        options = {"lqcd": {"processor": chat, "suffix": LEADING}}
+    reference = chat.collate([chat.encode_prompt(c, [image]) for c, image in zip(conversations, IMAGES)], IMAGES)
+    out = generate_with_mitigation(model, options, **batch, max_new_tokens=1, do_sample=False, output_scores=True,
+                                   output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        reference["position_ids"] = model._prepare_position_ids_for_generation(reference["input_ids"], reference)
+        contrast = model(**reference).logits[:, -1]
+    expected = contrastive_logits(out.logits[0], contrast, 1.0, 0.1)
+    finite = torch.isfinite(expected)
+    assert torch.equal(finite, torch.isfinite(out.scores[0]))
+    torch.testing.assert_close(out.scores[0][finite], expected[finite], atol=1e-4, rtol=1e-4)
+    assert (out.scores[0][finite] - out.logits[0][finite]).abs().max() > 1e-4  # the contrast did something
+
+
+def test_prompts_that_the_template_did_not_write_are_refused(family):
+    from vlm.hf_models import ChatProcessor
+
+    name, model, batch = family
+    chat = ChatProcessor(tiny_hf_vlm(name, seed=2)[1])
+    shifted = {**batch, "input_ids": batch["input_ids"].roll(1, dims=1)}
+    with pytest.raises(ValueError, match="lqcd: prompt 0 is not written the way the family's chat template"):
+        generate_with_mitigation(model, {"lqcd": {"processor": chat}}, **shifted, **GREEDY)
+
+
+@pytest.mark.parametrize("method", ["vhr", "icd", "lqcd"])
+def test_the_command_line_runs_them_on_a_saved_family_folder(tmp_path, capsys, method):
+    import json
+
+    from vlm.cli import main
+    from vlm.testing import save_tiny_hf_vlm
+
+    folder = save_tiny_hf_vlm("qwen2_vl", tmp_path / "qwen2_vl", seed=2)
+    IMAGES[0].save(tmp_path / "red.png")
+    code = main(["ask", "--model", str(folder), str(tmp_path / "red.png"), "Is there a star?", "--json",
+                 "--max-new-tokens", "3", "--mitigation", method])
+    assert code == 0
+    assert "answer" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])

@@ -142,10 +142,10 @@ def test_cli_mitigation_runs_or_is_refused_by_name(family, tmp_path, capsys):
     expected = processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])[0]
     assert capsys.readouterr().out.strip() == expected.strip()
 
-    assert main(["ask", "--model", str(folder), str(tmp_path / "red.png"), "Is it red?", "--mitigation", "icd",
+    assert main(["ask", "--model", str(folder), str(tmp_path / "red.png"), "Is it red?", "--mitigation", "paint",
                  "--device", "cpu"]) == 2
     error = capsys.readouterr().err
-    assert "icd" in error and name in error and len(error.strip().splitlines()) == 1
+    assert "paint" in error and name in error and len(error.strip().splitlines()) == 1
 
 
 def test_folders_that_are_no_vlm_are_refused(tmp_path, capsys):

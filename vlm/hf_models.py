@@ -71,6 +71,16 @@ class ChatProcessor:
         return self.processor.apply_chat_template(converted, add_generation_prompt=add_generation_prompt,
                                                   tokenize=False)
 
+    def prompt_edit(self, plain: list[dict], edited: list[dict]) -> tuple[list[int], ...]:
+        """How the family's template changes the tokens of a prompt when `plain` messages become `edited`:
+        `(head, removed, added, tail)` with plain = head + removed + tail and edited = head + added + tail."""
+        a, b = (self.tokenizer(self.render(messages))["input_ids"] for messages in (plain, edited))
+        head = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+        tail = 0
+        while tail < min(len(a), len(b)) - head and a[-1 - tail] == b[-1 - tail]:
+            tail += 1
+        return a[:head], a[head:len(a) - tail], b[head:len(b) - tail], a[len(a) - tail:]
+
     def encode_prompt(self, messages: list[dict], images: list) -> dict:
         """One request -> `{"text", "num_images", "length"}`; refuses marker/image count mismatches and prompts
         longer than the context (the length counts the image tokens the processor expands for these images)."""

@@ -99,7 +99,8 @@ def _tiny_llava():
                               LlavaForConditionalGeneration, LlavaProcessor)
 
     template = ("{% for message in messages %}{% if message['role'] == 'user' %}USER: "
-                + _CONTENT.replace("IMAGE", "<image>\n") + " {% else %}ASSISTANT: "
+                + _CONTENT.replace("IMAGE", "<image>\n") + " {% elif message['role'] == 'system' %}"
+                + _CONTENT + " {% else %}ASSISTANT: "
                 + _CONTENT.replace("IMAGE", "") + "</s>{% endif %}{% endfor %}"
                 "{% if add_generation_prompt %}ASSISTANT:{% endif %}")
     tokenizer = _family_tokenizer(["<unk>", "<s>", "</s>", "<pad>", "<image>"], template, bos_token="<s>",

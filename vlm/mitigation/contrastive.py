@@ -22,6 +22,7 @@ import math
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
+from ..processing import VLMProcessor
 from ..roles import TokenRole
 from .model_parts import is_suite_model
 
@@ -89,8 +90,54 @@ def without_image(inputs: dict, pad_id: int, image_token_id: int | None = None) 
     return _left_pad(rows, pad_id)
 
 
+def splice_prompts(inputs: dict, edit: tuple, at_end: bool, pad_id: int, method: str) -> dict:
+    """A Hugging Face VLM's inputs with a template edit `(head, removed, added, tail)` (`ChatProcessor.prompt_edit`)
+    applied to every row: after `head` at the start of the prompt, or before `tail` at its end. The family's
+    other per-token tensors (Gemma 3's token_type_ids, Qwen2-VL's mm_token_type_ids) follow, 0 on added tokens;
+    per-image tensors are kept; rows are left-padded again."""
+    head, removed, added, tail = (list(part) for part in edit)
+    ids = inputs["input_ids"]
+    mask = inputs.get("attention_mask")
+    mask = torch.ones_like(ids) if mask is None else mask
+    per_token = [name for name, value in inputs.items()
+                 if isinstance(value, torch.Tensor) and value.shape == ids.shape and name != "attention_mask"]
+    rows = []
+    for index in range(len(ids)):
+        keep = mask[index].bool()
+        row = ids[index][keep].tolist()
+        cut = len(row) - len(tail) - len(removed) if at_end else len(head)
+        if (row[cut:] != removed + tail) if at_end else (row[:cut + len(removed)] != head + removed):
+            raise ValueError(f"{method}: prompt {index} is not written the way the family's chat template writes "
+                             "prompts, so its edit has no place")
+        rows.append({name: (values := inputs[name][index][keep].tolist())[:cut]
+                     + (added if name == "input_ids" else [0] * len(added)) + values[cut + len(removed):]
+                     for name in per_token})
+    longest = max(len(row["input_ids"]) for row in rows)
+    batch = {name: torch.tensor([[pad_id if name == "input_ids" else 0] * (longest - len(row[name])) + row[name]
+                                 for row in rows], dtype=inputs[name].dtype) for name in per_token}
+    batch["attention_mask"] = torch.tensor([[0] * (longest - len(row["input_ids"])) + [1] * len(row["input_ids"])
+                                            for row in rows])
+    others = {name: value for name, value in inputs.items() if isinstance(value, torch.Tensor) and name not in batch}
+    return {**others, **batch}
+
+
+def _hf_processor(processor):
+    """The `ChatProcessor` of a Hugging Face processor (or the one given)."""
+    from ..hf_models import ChatProcessor
+
+    return processor if isinstance(processor, ChatProcessor) else ChatProcessor(processor)
+
+
+QUESTION = [{"role": "user", "content": "What is in the image?"}]  # what the template edits are measured on
+
+
 def with_system_prompt(inputs: dict, processor, text: str) -> dict:
-    """ICD's disturbed instruction: a system turn saying `text` put in front of every prompt."""
+    """ICD's disturbed instruction: a system turn saying `text` put in front of every prompt (on a Hugging Face
+    VLM, where the family's chat template puts it)."""
+    if not isinstance(processor, VLMProcessor):
+        chat = _hf_processor(processor)
+        edit = chat.prompt_edit(QUESTION, [{"role": "system", "content": text}, *QUESTION])
+        return splice_prompts(inputs, edit, False, chat.tokenizer.pad_token_id or 0, "icd")
     prefix = processor.tokenizer(processor.template.system.format(content=text), add_special_tokens=False)["input_ids"]
     rows = [{"input_ids": prefix + row["input_ids"], "roles": [int(TokenRole.SYSTEM)] * len(prefix) + row["roles"]}
             for row in _rows(inputs)]
@@ -102,6 +149,11 @@ def with_system_prompt(inputs: dict, processor, text: str) -> dict:
 
 def with_leading_suffix(inputs: dict, processor, suffix: str) -> dict:
     """LQCD's leading query built from the neutral one: `suffix` added at the end of the last user turn."""
+    if not isinstance(processor, VLMProcessor):
+        chat = _hf_processor(processor)
+        leading = [{"role": "user", "content": QUESTION[0]["content"] + suffix}]
+        return splice_prompts(inputs, chat.prompt_edit(QUESTION, leading), True, chat.tokenizer.pad_token_id or 0,
+                              "lqcd")
     tokenizer, template = processor.tokenizer, processor.template
     ending = tokenizer(template.user.split("{content}")[1], add_special_tokens=False)["input_ids"] \
         + tokenizer(template.assistant_header, add_special_tokens=False)["input_ids"]

@@ -97,7 +97,7 @@ def _contrast_branch(model, name, options, inputs) -> ContrastBranch:
                              "mitigation={'icd': {'processor': processor}}")
         contrast = with_system_prompt(inputs, options["processor"], options["disturbance"])
     elif name == "lqcd":
-        contrast = _leading_inputs(options, inputs)
+        contrast = _leading_inputs(model, options, inputs)
     else:  # PAI / PAINT text-only guidance: gamma (l_c - l_u) + l_u == (1 + alpha) l_c - alpha l_u, alpha = gamma - 1
         contrast = without_image(inputs, model.generation_config.pad_token_id or 0,
                                  None if is_suite_model(model) else model.config.image_token_id)
@@ -105,7 +105,7 @@ def _contrast_branch(model, name, options, inputs) -> ContrastBranch:
     return ContrastBranch(model, contrast, options["alpha"], options["beta"])
 
 
-def _leading_inputs(options, inputs) -> dict:
+def _leading_inputs(model, options, inputs) -> dict:
     leading = options["leading"]
     if leading is None:
         if options["processor"] is None:
@@ -115,4 +115,6 @@ def _leading_inputs(options, inputs) -> dict:
         return with_leading_suffix(inputs, options["processor"], options["suffix"])
     if "input_ids" not in leading or leading["input_ids"].shape[0] != inputs["input_ids"].shape[0]:
         raise ValueError(f"lqcd: `leading` must be a processor output with {inputs['input_ids'].shape[0]} prompts")
-    return {k: leading.get(k) for k in INPUT_NAMES}
+    if is_suite_model(model):
+        return {k: leading.get(k) for k in INPUT_NAMES}
+    return {k: v for k, v in leading.items() if isinstance(v, torch.Tensor)}  # the family's processor output

@@ -15,7 +15,7 @@ from ..roles import TokenRole
 # What runs on a Hugging Face VLM so far: the attention edits and VHR's head scaling, which need no more than the
 # above, and VCD and PAI's text-only guidance (`cfg`), whose second input follows the family's own position rule
 # (`ContrastBranch`, `heads.hf_image_free_pair`).
-HF_METHODS = ("vhr", "pai", "var", "vcd")
+HF_METHODS = ("vhr", "pai", "var", "vcd", "icd", "lqcd")
 
 
 def is_suite_model(model) -> bool:
