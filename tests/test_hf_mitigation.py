@@ -91,13 +91,35 @@ def test_var_keeps_row_mass_and_moves_only_to_image_keys(family, monkeypatch):
             assert (moved[b][..., sinks[b]] <= 1e-7).all()  # sinks only lose
 
 
-@pytest.mark.parametrize("method", ["paint"])
-def test_methods_without_an_adapter_are_refused_by_name(family, method):
-    from vlm.mitigation import parse_mitigation_arg
+def test_paint_runs_on_a_clip_tower_and_is_refused_with_the_reason_elsewhere(family):
+    """PAINT reads the tower's class-token attention: LLaVA's CLIP has one (and the same model converted to ours
+    picks the same tokens and answers alike), SigLIP and Qwen2-VL's towers have none."""
+    from vlm.llava_convert import from_llava
+    from vlm.mitigation.paint import select_paint_tokens
+    from vlm.roles import TokenRole
 
     name, model, inputs = family
-    with pytest.raises(ValueError, match=f"{method.split(':')[0]}.*{name}"):
-        generate_with_mitigation(model, parse_mitigation_arg(method), **inputs, **GREEDY)
+    spec = {"paint": {"alpha": 0.7, "beta": 0.3}}
+    if name != "llava":
+        with pytest.raises(ValueError, match=f"PAINT ranks patches by class-token attention; the {name} tower"):
+            generate_with_mitigation(model, spec, **inputs, **GREEDY)
+        return
+    ours = from_llava(model)
+    for picked, reference in zip(select_paint_tokens(model, inputs["pixel_values"], 0.25),
+                                 select_paint_tokens(ours, inputs["pixel_values"], 0.25)):
+        assert torch.equal(picked, reference)
+    theirs = generate_with_mitigation(model, spec, **inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    plain = model.generate(**inputs, **GREEDY, output_logits=True, return_dict_in_generate=True)
+    assert (theirs.logits[0] - plain.logits[0]).abs().max() > 1e-4
+    # our model's PAINT on the same prompt, with the roles our processor would give its tokens
+    roles = torch.full_like(inputs["input_ids"], int(TokenRole.PROMPT))
+    roles[inputs["input_ids"] == model.config.image_token_id] = int(TokenRole.IMAGE)
+    roles[inputs["attention_mask"] == 0] = int(TokenRole.PADDING)
+    mine = ours.generate(**inputs, mm_token_type_ids=roles, **GREEDY, output_logits=True, return_dict_in_generate=True,
+                         mitigation=spec)
+    assert torch.equal(mine.sequences, theirs.sequences)
+    for a, b in zip(mine.logits, theirs.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
 
 
 def test_cost_benchmark_runs_on_a_family():

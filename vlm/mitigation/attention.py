@@ -183,8 +183,11 @@ class AttentionEdits:
     """
 
     def __init__(self, model, boost: dict | None = None, boost_kind: str = "pai", var: dict | None = None,
-                 head_scale: torch.Tensor | None = None):
+                 head_scale: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None):
         self.model, self.boost, self.boost_kind, self.var, self.head_scale = model, boost, boost_kind, var, head_scale
+        # the generate call's images, for PAINT: transformers' generate may hand the prefill forward the image
+        # features it computed instead of the pixels
+        self.pixel_values = pixel_values
         self.records: dict[int, SequenceRecord] = {}
         self.current: SequenceRecord | None = None
         self._hooks, self._edited, self._original = [], [], None
@@ -245,13 +248,15 @@ class AttentionEdits:
         image = image_positions(self.model, inputs["input_ids"], roles)
         padding = roles == TokenRole.PADDING if roles is not None else None if mask is None else mask == 0
         record = SequenceRecord(image_keys=image, query_rows=_rows_after_images(image, padding), padding=padding)
-        if self.boost_kind == "paint" and self.boost is not None and inputs["pixel_values"] is not None:
-            local, summary = select_paint_tokens(self.model, inputs["pixel_values"], self.boost["local_ratio"])
+        if self.boost_kind == "paint":
+            pixels = inputs["pixel_values"] if inputs["pixel_values"] is not None else self.pixel_values
             placeholders = inputs["input_ids"] == self.model.config.image_token_id
-            record.local_keys = torch.zeros_like(placeholders).masked_scatter(placeholders, local.flatten()) & image
-            record.summary_keys = torch.zeros_like(placeholders).masked_scatter(placeholders, summary.flatten()) & image
-        elif self.boost_kind == "paint":
             record.local_keys = record.summary_keys = torch.zeros_like(image)
+            if pixels is not None and placeholders.any():  # a prefill without images (a contrast input) has none
+                local, summary = select_paint_tokens(self.model, pixels, self.boost["local_ratio"])
+                record.local_keys = torch.zeros_like(placeholders).masked_scatter(placeholders, local.flatten()) & image
+                record.summary_keys = torch.zeros_like(placeholders).masked_scatter(placeholders,
+                                                                                    summary.flatten()) & image
         return record
 
     def _sink_detector(self, layer_index):

@@ -48,7 +48,7 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
     branch_users = contrast_branch_users(methods)
     stats = model_mitigation_stats(model)
     with ExitStack() as stack:
-        edits = _attention_edits(model, methods, stats)
+        edits = _attention_edits(model, methods, stats, inputs.get("pixel_values"))
         if edits is not None:
             stack.enter_context(edits)
         if "vhr" in methods:
@@ -62,7 +62,7 @@ def mitigated_generate(model, mitigation, generate, *args, **kwargs):
         return generate(**kwargs)
 
 
-def _attention_edits(model, methods, stats) -> AttentionEdits | None:
+def _attention_edits(model, methods, stats, pixel_values) -> AttentionEdits | None:
     kind = "paint" if "paint" in methods else "pai" if "pai" in methods else None
     var = methods.get("var")
     if kind is None and var is None:
@@ -85,7 +85,7 @@ def _attention_edits(model, methods, stats) -> AttentionEdits | None:
         if any(not 0 <= d < width for d in var["sink_dims"]):
             raise ValueError(f"var sink_dims {var['sink_dims']} out of range for hidden size {width}")
     return AttentionEdits(model, boost=methods.get(kind) if kind else None, boost_kind=kind or "pai", var=var,
-                          head_scale=head_scale)
+                          head_scale=head_scale, pixel_values=pixel_values)
 
 
 def _contrast_branch(model, name, options, inputs) -> ContrastBranch:

@@ -2,8 +2,7 @@
 positions of an input, the forward arguments a hook sees, and which methods a model supports.
 
 Two kinds of model are served. A `VisionLanguageModel` carries token roles (`mm_token_type_ids`) and a timm
-tower, so every method runs on it. A Hugging Face image-text-to-text model (Llava, Qwen2-VL, Idefics3, Gemma 3,
-...) is reached through what all of them share: `get_decoder()` gives the text decoder, whose layers hold a
+tower. A Hugging Face image-text-to-text model (Llava, Qwen2-VL, Idefics3, Gemma 3, ...) is reached through what all of them share: `get_decoder()` gives the text decoder, whose layers hold a
 `self_attn` with an `o_proj` that calls transformers' attention interface, and image tokens are the positions
 of `config.image_token_id`. Its processor's own `mm_token_type_ids` (Qwen2-VL's) are not roles and are ignored.
 """
@@ -11,11 +10,6 @@ of `config.image_token_id`. Its processor's own `mm_token_type_ids` (Qwen2-VL's)
 import torch
 
 from ..roles import TokenRole
-
-# What runs on a Hugging Face VLM so far: the attention edits and VHR's head scaling, which need no more than the
-# above, and VCD and PAI's text-only guidance (`cfg`), whose second input follows the family's own position rule
-# (`ContrastBranch`, `heads.hf_image_free_pair`).
-HF_METHODS = ("vhr", "pai", "var", "vcd", "icd", "lqcd")
 
 
 def is_suite_model(model) -> bool:
@@ -25,13 +19,12 @@ def is_suite_model(model) -> bool:
 
 
 def check_supported(model, methods: dict) -> None:
-    """Refuse, by name, a method of `{method: options}` that cannot run on `model` (never a silent no-op)."""
-    if is_suite_model(model):
-        return
-    missing = [name for name in methods if name not in HF_METHODS]
-    if missing:
-        raise ValueError(f"mitigation {', '.join(missing)} is not available for {model.config.model_type} models "
-                         f"({type(model).__name__}) yet; on Hugging Face VLMs these run: {', '.join(HF_METHODS)}")
+    """Refuse, with the reason, a method of `{method: options}` that cannot run on `model` (never a silent no-op).
+    Every method runs on both kinds of model; PAINT needs a tower with a class token (not SigLIP's, Qwen2-VL's)."""
+    if "paint" in methods:
+        from .paint import check_paint_tower
+
+        check_paint_tower(model)
 
 
 def text_decoder(model):
