@@ -180,21 +180,18 @@ def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None
 @torch.no_grad()
 def check_mitigation(model, processor, method: str) -> None:
     """Raise the method's own error if it cannot run on this model (one tiny generate)."""
-    from vlm.mitigation import with_processor
-
     inputs = processor(images=[Image.new("RGB", (8, 8))], text=["<image>\n" + DETAIL_PROMPT])
-    model.generate(**inputs, max_new_tokens=1, do_sample=False, mitigation=with_processor([method], processor))
+    model.generate(**inputs, max_new_tokens=1, do_sample=False, mitigation=[method], processor=processor)
 
 
 @torch.no_grad()
 def decode_speed(model, processor, images: list[tuple], mitigation, new_tokens: int = 32) -> float:
     """Seconds per generated token (a batch of `images`, `new_tokens` forced), after a warm-up call."""
     from data.images import load_image
-    from vlm.mitigation import with_processor
 
     inputs = processor(images=[load_image(path) for _, path in images],
                        text=["<image>\n" + DETAIL_PROMPT] * len(images))
-    kwargs = {"mitigation": with_processor(mitigation, processor)} if mitigation else {}
+    kwargs = {"mitigation": mitigation, "processor": processor} if mitigation else {}
 
     def run():
         model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kwargs)

@@ -133,9 +133,9 @@ def generate_batch(model, processor, prepared: list, generation_kwargs: dict, st
     generation_kwargs = dict(generation_kwargs)
     mitigation = generation_kwargs.pop("mitigation", None)
     if mitigation:
-        from vlm.mitigation import generate_with_mitigation, with_processor
+        from vlm.mitigation import generate_with_mitigation
 
-        output = generate_with_mitigation(model, with_processor(mitigation, processor), **inputs, **generation_kwargs,
+        output = generate_with_mitigation(model, mitigation, processor, **inputs, **generation_kwargs,
                                           streamer=streamer)
     else:
         output = model.generate(**inputs, **generation_kwargs, streamer=streamer)

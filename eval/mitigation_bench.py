@@ -27,25 +27,20 @@ COST_PROMPT = "<image>\nIs there a circle in the image?"
 HF_BENCH_METHODS = ["none", "vhr", "pai", "var:sink_dims=0+1", "vcd", "icd", "lqcd"]
 
 
-def spec_for(name: str, processor):
+def spec_for(name: str):
     """The `mitigation=` value of a method string of the table (options as in `parse_mitigation_arg`)."""
     from vlm.mitigation import parse_mitigation_arg
 
-    if name == "none":
-        return None
-    spec = parse_mitigation_arg(name)
-    for method in ("icd", "lqcd"):  # they rewrite the prompt with the chat template
-        if method in spec:
-            spec[method]["processor"] = processor
-    return spec
+    return None if name == "none" else parse_mitigation_arg(name)
 
 
 def generate_texts(model, processor, prompts, images, method, max_new_tokens, batch_size):
     texts = []
-    spec = spec_for(method, processor)
+    spec = spec_for(method)
     for start in range(0, len(prompts), batch_size):
         inputs = processor(images=images[start:start + batch_size], text=prompts[start:start + batch_size])
-        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, mitigation=spec)
+        output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, mitigation=spec,
+                                processor=processor)
         texts += processor.batch_decode(output[:, inputs["input_ids"].shape[1]:])
     return texts
 
@@ -81,7 +76,7 @@ def decode_costs(model, processor, inputs, methods, short=8, long=40, rounds=5) 
     processes hits them alike."""
     from vlm.mitigation import generate_with_mitigation
 
-    specs = {method: spec_for(method, processor) for method in methods}
+    specs = {method: spec_for(method) for method in methods}
 
     def timed(method, tokens):
         start = time.perf_counter()
@@ -89,7 +84,7 @@ def decode_costs(model, processor, inputs, methods, short=8, long=40, rounds=5) 
         if specs[method] is None:
             model.generate(**inputs, **kwargs)
         else:
-            generate_with_mitigation(model, specs[method], **inputs, **kwargs)
+            generate_with_mitigation(model, specs[method], processor, **inputs, **kwargs)
         return time.perf_counter() - start
 
     best = {method: [float("inf"), float("inf")] for method in methods}

@@ -154,6 +154,6 @@ def test_prompt_rewriting_mitigation_from_the_command_line(saved, loaded, capsys
     record = json.loads(capsys.readouterr().out)
     model, processor = loaded
     inputs = processor(images=[load_image(path)], text=["<image>\nIs there a circle?"])
-    expected = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False,
-                              mitigation={method: {"processor": processor}})
+    expected = model.generate(**inputs, max_new_tokens=MAX_NEW, do_sample=False, mitigation=method,
+                              processor=processor)
     assert record["answer"] == processor.batch_decode(expected[:, inputs["input_ids"].shape[1]:])[0]

@@ -203,7 +203,7 @@ def _last_head_outputs(model, layer: int, run) -> torch.Tensor:
 
 def test_vhr_measures_against_the_prompt_without_its_image(family):
     from vlm.mitigation.contrastive import without_image
-    from vlm.mitigation.heads import HeadReinforcement
+    from vlm.mitigation.vhr import HeadReinforcement
 
     _, model, inputs = family
     image = inputs["input_ids"] == model.config.image_token_id
@@ -267,13 +267,13 @@ def test_icd_and_lqcd_contrast_the_prompt_the_family_template_writes(family, met
     chat = ChatProcessor(tiny_hf_vlm(name, seed=2)[1])
     if method == "icd":
         conversations = [[{"role": "system", "content": DISTURBANCE}, {"role": "user", "content": p}] for p in PROMPTS]
-        options = {"icd": {"processor": chat.processor, "disturbance": DISTURBANCE}}  # the family's own processor
+        options, processor = {"icd": {"disturbance": DISTURBANCE}}, chat.processor  # the family's own processor
     else:
         conversations = [[{"role": "user", "content": p + LEADING}] for p in PROMPTS]
-        options = {"lqcd": {"processor": chat, "suffix": LEADING}}
+        options, processor = {"lqcd": {"suffix": LEADING}}, chat
     reference = chat.collate([chat.encode_prompt(c, [image]) for c, image in zip(conversations, IMAGES)], IMAGES)
-    out = generate_with_mitigation(model, options, **batch, max_new_tokens=1, do_sample=False, output_scores=True,
-                                   output_logits=True, return_dict_in_generate=True)
+    out = generate_with_mitigation(model, options, processor, **batch, max_new_tokens=1, do_sample=False,
+                                   output_scores=True, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         reference["position_ids"] = model._prepare_position_ids_for_generation(reference["input_ids"], reference)
         contrast = model(**reference).logits[:, -1]
@@ -291,7 +291,7 @@ def test_prompts_that_the_template_did_not_write_are_refused(family):
     chat = ChatProcessor(tiny_hf_vlm(name, seed=2)[1])
     shifted = {**batch, "input_ids": batch["input_ids"].roll(1, dims=1)}
     with pytest.raises(ValueError, match="lqcd: prompt 0 is not written the way the family's chat template"):
-        generate_with_mitigation(model, {"lqcd": {"processor": chat}}, **shifted, **GREEDY)
+        generate_with_mitigation(model, "lqcd", chat, **shifted, **GREEDY)
 
 
 @pytest.mark.parametrize("method", ["vhr", "icd", "lqcd"])

@@ -6,8 +6,9 @@ import pytest
 import torch
 from PIL import Image
 
-from vlm.mitigation.contrastive import (ContrastBranch, contrastive_logits, diffusion_noise, repeat_samples,
-                                        with_leading_suffix, without_image)
+from vlm.mitigation.contrastive import ContrastBranch, contrastive_logits, repeat_samples, without_image
+from vlm.mitigation.lqcd import with_leading_suffix
+from vlm.mitigation.vcd import diffusion_noise
 from vlm.roles import TokenRole
 from vlm.testing import tiny_vlm
 
@@ -57,13 +58,13 @@ def test_generated_scores_equal_the_formula_over_two_full_forwards(tiny, method)
     model, processor, inputs = tiny
     alpha, beta = 0.7, 0.9  # the random tiny model has flat logits: a high beta makes the cut bite
     if method == "icd":
-        options = {"alpha": alpha, "beta": beta, "processor": processor, "disturbance": DISTURBANCE}
+        options = {"alpha": alpha, "beta": beta, "disturbance": DISTURBANCE}
         contrast = processor(images=IMAGES, text=PROMPTS, system=DISTURBANCE)  # built independently
     else:
         options = {"alpha": alpha, "beta": beta, "noise_step": 500, "seed": 3}
         contrast = {**inputs, "pixel_values": noised_alone(inputs["pixel_values"], seed=3)}
     out = model.generate(**inputs, max_new_tokens=5, do_sample=False, output_scores=True, return_dict_in_generate=True,
-                         mitigation={method: options})
+                         mitigation={method: options}, processor=processor)
     new_tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
     real = full_forward_logits(model, inputs, new_tokens)
     degraded = full_forward_logits(model, contrast, new_tokens)
@@ -108,7 +109,7 @@ def test_lqcd_builds_the_leading_query_like_the_processor(tiny):
     for name in ("input_ids", "attention_mask", "mm_token_type_ids"):
         assert torch.equal(built[name], reference[name])
     with_processor = model.generate(**inputs, max_new_tokens=3, do_sample=False,
-                                    mitigation={"lqcd": {"processor": processor, "suffix": suffix}})
+                                    mitigation={"lqcd": {"suffix": suffix}}, processor=processor)
     with_leading = model.generate(**inputs, max_new_tokens=3, do_sample=False,
                                   mitigation={"lqcd": {"leading": reference}})
     assert torch.equal(with_processor, with_leading)
@@ -153,8 +154,10 @@ def test_beam_search_is_refused_for_contrastive_methods(tiny):
 
 def test_icd_needs_the_processor(tiny):
     model, _, inputs = tiny
-    with pytest.raises(ValueError, match="pass mitigation=\\{'icd': \\{'processor': processor\\}\\}"):
+    with pytest.raises(ValueError, match="icd writes its disturbance with the chat template: pass the processor"):
         model.generate(**inputs, max_new_tokens=2, mitigation=["icd"])
+    with pytest.raises(ValueError, match="the processor is an argument of generate, not an option"):
+        model.generate(**inputs, max_new_tokens=2, mitigation={"icd": {"processor": None}})
 
 
 def test_diffusion_noise_follows_the_schedule():

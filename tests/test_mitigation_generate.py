@@ -64,11 +64,12 @@ def test_nothing_remains_after_a_call_or_an_exception(tiny):
 
 def test_batched_mitigated_generation_equals_per_sample(tiny):
     model, processor, inputs = tiny
-    spec = {"vhr": {}, "pai": {"alpha": 0.5}, "icd": {"processor": processor}}
-    batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, mitigation=spec)
+    spec = {"vhr": {}, "pai": {"alpha": 0.5}, "icd": {}}
+    batched = model.generate(**inputs, max_new_tokens=4, do_sample=False, mitigation=spec, processor=processor)
     for index in range(2):
         single_inputs = processor(images=[IMAGES[index]], text=[PROMPTS[index]])
-        single = model.generate(**single_inputs, max_new_tokens=4, do_sample=False, mitigation=spec)
+        single = model.generate(**single_inputs, max_new_tokens=4, do_sample=False, mitigation=spec,
+                                processor=processor)
         assert torch.equal(batched[index, -4:], single[0, -4:])
 
 
@@ -91,7 +92,7 @@ def test_default_layers_scale_with_depth():
 
 @pytest.mark.parametrize("spec, message", [
     (["vcd", "icd"], "vcd and icd each need the contrast branch"),
-    ({"pai": {"cfg": 1.1}, "lqcd": {}}, "lqcd and pai each need the contrast branch"),
+    ({"pai": {"cfg": 1.1}, "lqcd": {}}, "pai and lqcd each need the contrast branch"),
     (["pai", "paint"], "use one of them"),
     ({"var": {"layers": [2, 3]}, "pai": {"layers": [3]}}, r"var and pai both edit the attention of layers \[3\]"),
     ({"vhr": {"layers": [9]}}, r"layers \[9\] out of range for a 4-layer LLM"),

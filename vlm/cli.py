@@ -43,7 +43,7 @@ def list_command(args) -> int:
         from .mitigation.spec import METHOD_DEFAULTS, METHOD_DESCRIPTIONS
 
         rows = [(name, f"{description}; options: " + ", ".join(
-            f"{key}={value}" for key, value in METHOD_DEFAULTS[name].items() if key != "processor"))
+            f"{key}={value}" for key, value in METHOD_DEFAULTS[name].items()))
             for name, description in METHOD_DESCRIPTIONS.items()]
     width = max(len(name) for name, _ in rows)
     for name, description in rows:

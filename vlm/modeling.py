@@ -167,14 +167,15 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
             labels=labels, use_cache=use_cache, logits_to_keep=logits_to_keep, **kwargs,
         )
 
-    def generate(self, *args, mitigation=None, **kwargs):
+    def generate(self, *args, mitigation=None, processor=None, **kwargs):
         """Hugging Face `generate`; `mitigation` (a method name, list, dict of options or "vhr,pai:alpha=0.2")
-        switches decode-time hallucination mitigation on for this call (see `vlm.mitigation`)."""
+        switches decode-time hallucination mitigation on for this call (see `vlm.mitigation`); `processor` is
+        this model's, for the methods that rewrite the prompt (ICD, LQCD)."""
         if not mitigation:
             return super().generate(*args, **kwargs)
         from .mitigation import mitigated_generate
 
-        return mitigated_generate(self, mitigation, super().generate, *args, **kwargs)
+        return mitigated_generate(self, mitigation, super().generate, *args, processor=processor, **kwargs)
 
     def _mode_mask(self, inputs_embeds, attention_mask, roles, past_length):
         if roles is None:

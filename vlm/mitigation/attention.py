@@ -20,53 +20,13 @@ from transformers.masking_utils import sdpa_mask
 
 from ..roles import TokenRole
 from .model_parts import (attention_module, cached_length, decoder_layers, forward_arguments, image_positions,
-                          num_heads, pad_keys, text_decoder)
+                          pad_keys, text_decoder)
 from .paint import select_paint_tokens
+from .pai import boost_image_logits
+from .var import redistribute_sink_attention, sink_tokens
 
 ATTENTION_NAME = "vlm_mitigation"
 EDITS_ATTRIBUTE = "_mitigation_edits"
-
-
-# ------------------------------------------------------------------ the edits themselves
-def boost_image_logits(scores: torch.Tensor, key_margins: torch.Tensor) -> torch.Tensor:
-    """PAI/PAINT: on the last query row, score += margin * |score| for every key (margin 0 off the image).
-
-    scores: (B, H, Q, K) pre-softmax logits (before the mask is added); key_margins: (B, H or 1, K).
-    """
-    last = scores[:, :, -1:, :]
-    boosted = last + key_margins.unsqueeze(2) * last.abs()
-    return boosted if scores.shape[2] == 1 else torch.cat([scores[:, :, :-1, :], boosted], dim=2)
-
-
-def redistribute_sink_attention(probs, image_keys, sink_keys, query_rows, p: float, summ: float, rho: float):
-    """VAR: move attention from sink tokens to the non-sink image tokens in image-centric rows.
-
-    probs: (B, H, Q, K) post-softmax; image_keys, sink_keys: (B, K) bool; query_rows: (B, Q) bool (the
-    rows that may be edited). A (head, query) row is image-centric when its image attention is >= summ
-    and the visual-sink share of it is <= rho. In such rows each sink's attention is multiplied by p
-    (p is the *kept* fraction, as in `seilk/VisAttnSink`) and the removed (1 - p) * sink mass goes to
-    the non-sink image tokens in proportion to their attention, so every row keeps its total mass.
-    """
-    image = image_keys[:, None, None, :].to(probs.dtype)
-    sink = sink_keys[:, None, None, :].to(probs.dtype)
-    image_mass = (probs * image).sum(-1)
-    visual_sink_mass = (probs * image * sink).sum(-1)
-    non_sink_image = probs * image * (1 - sink)
-    non_sink_mass = non_sink_image.sum(-1)
-    sink_mass = (probs * sink).sum(-1)
-    selected = (
-        (image_mass >= summ) & (visual_sink_mass <= rho * image_mass) & (non_sink_mass > 0) & (sink_mass > 0)
-        & query_rows[:, None, :]
-    )
-    budget = (1 - p) * sink_mass
-    edited = probs * (1 - (1 - p) * sink) + (budget / non_sink_mass.clamp_min(1e-12))[..., None] * non_sink_image
-    return torch.where(selected[..., None], edited, probs)
-
-
-def sink_tokens(hidden_states: torch.Tensor, sink_dims, tau: float, eps: float = 1e-6) -> torch.Tensor:
-    """VAR's visual-sink test: max over the massive-activation dims of |RMSNorm(x)| (no weight) > tau."""
-    normed = hidden_states.float() * torch.rsqrt(hidden_states.float().pow(2).mean(-1, keepdim=True) + eps)
-    return normed[..., list(sink_dims)].abs().amax(-1) > tau
 
 
 # ------------------------------------------------------------------ per-sequence records
@@ -270,15 +230,3 @@ class AttentionEdits:
                 sinks &= ~record.padding
             record.sinks[layer_index] = sinks
         return detect
-
-
-def head_scale_from_sensitivity(sensitivity: torch.Tensor) -> torch.Tensor:
-    """(num_layers, H) visual sensitivity -> per-head margin multipliers with mean 1 in every layer."""
-    return sensitivity / sensitivity.mean(dim=1, keepdim=True).clamp_min(1e-12)
-
-
-def check_head_count(model, sensitivity: torch.Tensor):
-    expected = (len(decoder_layers(model)), num_heads(model))
-    if tuple(sensitivity.shape) != expected:
-        raise ValueError(f"visual_sensitivity statistics have shape {tuple(sensitivity.shape)}, but this model has "
-                         f"{expected[0]} layers x {expected[1]} heads: recalibrate (vlm.mitigation.calibration)")

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .heads import image_free_inputs
+from .vhr import image_free_inputs
 from .model_parts import attention_module, decoder_layers, image_positions, num_heads
 
 STATS_FILE = "mitigation_stats.safetensors"

@@ -1,20 +1,13 @@
-"""Contrastive decoding: VCD, ICD, LQCD and PAI's text-only guidance, through one second branch.
+"""Contrastive decoding's second branch, shared by VCD, ICD, LQCD and PAI/PAINT's text-only guidance.
 
 Every method contrasts the next-token logits l of the real input with the logits l' of a degraded one:
     l_cd = (1 + alpha) * l - alpha * l',
 keeping only tokens that pass the adaptive plausibility constraint p(y) >= beta * max_w p(w) of the real
-input (on logits: l_y >= log(beta) + max l), the rest get -inf. The degraded inputs:
-- VCD: the image with forward-diffusion noise (step 500 of a 1000-step sigmoid beta schedule), the same
-  noise for an image alone or in a batch;
-- ICD: the instruction disturbed by a system prompt ("You are a confused object detector.");
-- LQCD: the real input is the neutral query, the contrast is the leading query the caller gives, or
-  the same prompt with a leading sentence added to its last user turn;
-- PAI/PAINT `cfg=gamma`: the prompt without its image; gamma (log p_c - log p_u) + log p_u is the same
-  template with alpha = gamma - 1 (the log-softmax normalisers are constant per step and cancel).
-
-`ContrastBranch` is a `LogitsProcessor` with its own KV cache: at the first step it prefills the
-contrast input once, then it feeds only the token `generate` just chose, so each step costs one
-extra single-token forward.
+input (on logits: l_y >= log(beta) + max l), the rest get -inf. Each method's file builds its degraded input
+(`vcd.py`, `icd.py`, `lqcd.py`, `pai.py`); this file holds what they share: the formula, the prompt surgery
+(`without_image`, left padding, `splice_prompts` for Hugging Face VLMs) and `ContrastBranch`, a
+`LogitsProcessor` with its own KV cache: at the first step it prefills the contrast input once, then it feeds
+only the token `generate` just chose, so each step costs one extra single-token forward.
 """
 
 import math
@@ -22,7 +15,6 @@ import math
 import torch
 from transformers import DynamicCache, LogitsProcessor
 
-from ..processing import VLMProcessor
 from ..roles import TokenRole
 from .model_parts import is_suite_model
 
@@ -36,19 +28,7 @@ def contrastive_logits(logits: torch.Tensor, contrast: torch.Tensor, alpha: floa
     return combined.masked_fill(implausible, float("-inf"))
 
 
-def diffusion_noise(pixel_values: torch.Tensor, step: int = 500, num_steps: int = 1000, seed: int = 0) -> torch.Tensor:
-    """VCD's distorted image: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps on the preprocessed tensor, with
-    betas = sigmoid(linspace(-6, 6, num_steps)) * (5e-3 - 1e-5) + 1e-5 (`DAMO-NLP-SG/VCD: vcd_add_noise.py`)."""
-    if not 0 <= step < num_steps:
-        raise ValueError(f"vcd noise_step={step} must be in [0, {num_steps})")
-    betas = torch.sigmoid(torch.linspace(-6, 6, num_steps, dtype=torch.float64)) * (0.5e-2 - 1e-5) + 1e-5
-    alpha_bar = torch.cumprod(1 - betas, dim=0)[step]
-    generator = torch.Generator().manual_seed(int(seed))
-    noise = torch.randn(pixel_values.shape, generator=generator).to(pixel_values.device, pixel_values.dtype)
-    return float(alpha_bar.sqrt()) * pixel_values + float((1 - alpha_bar).sqrt()) * noise
-
-
-def _left_pad(rows: list[dict], pad_id: int) -> dict:
+def left_pad(rows: list[dict], pad_id: int) -> dict:
     """Rows of equal-length lists/tensors `input_ids`, `roles` -> left-padded batch tensors."""
     longest = max(len(row["input_ids"]) for row in rows)
     ids = torch.full((len(rows), longest), pad_id, dtype=torch.long)
@@ -61,7 +41,7 @@ def _left_pad(rows: list[dict], pad_id: int) -> dict:
     return {"input_ids": ids, "attention_mask": (roles != TokenRole.PADDING).long(), "mm_token_type_ids": roles}
 
 
-def _rows(inputs: dict) -> list[dict]:
+def prompt_rows(inputs: dict) -> list[dict]:
     """The real (unpadded) tokens of each row, with their roles."""
     ids, mask = inputs["input_ids"], inputs.get("attention_mask")
     roles = inputs.get("mm_token_type_ids")
@@ -82,12 +62,12 @@ def without_image(inputs: dict, pad_id: int, image_token_id: int | None = None) 
         keep = (ids != image_token_id) & (torch.ones_like(ids, dtype=torch.bool) if mask is None else mask.bool())
         rows = [{"input_ids": ids[i][keep[i]].tolist(), "roles": [int(TokenRole.PROMPT)] * int(keep[i].sum())}
                 for i in range(len(ids))]
-        batch = _left_pad(rows, pad_id)
+        batch = left_pad(rows, pad_id)
         del batch["mm_token_type_ids"]
         return batch
     rows = [{"input_ids": [t for t, r in zip(row["input_ids"], row["roles"]) if r != TokenRole.IMAGE],
-             "roles": [r for r in row["roles"] if r != TokenRole.IMAGE]} for row in _rows(inputs)]
-    return _left_pad(rows, pad_id)
+             "roles": [r for r in row["roles"] if r != TokenRole.IMAGE]} for row in prompt_rows(inputs)]
+    return left_pad(rows, pad_id)
 
 
 def splice_prompts(inputs: dict, edit: tuple, at_end: bool, pad_id: int, method: str) -> dict:
@@ -121,7 +101,7 @@ def splice_prompts(inputs: dict, edit: tuple, at_end: bool, pad_id: int, method:
     return {**others, **batch}
 
 
-def _hf_processor(processor):
+def chat_processor(processor):
     """The `ChatProcessor` of a Hugging Face processor (or the one given)."""
     from ..hf_models import ChatProcessor
 
@@ -129,66 +109,6 @@ def _hf_processor(processor):
 
 
 QUESTION = [{"role": "user", "content": "What is in the image?"}]  # what the template edits are measured on
-
-
-def with_system_prompt(inputs: dict, processor, text: str) -> dict:
-    """ICD's disturbed instruction: a system turn saying `text` put in front of every prompt (on a Hugging Face
-    VLM, where the family's chat template puts it)."""
-    if not isinstance(processor, VLMProcessor):
-        chat = _hf_processor(processor)
-        edit = chat.prompt_edit(QUESTION, [{"role": "system", "content": text}, *QUESTION])
-        return splice_prompts(inputs, edit, False, chat.tokenizer.pad_token_id or 0, "icd")
-    prefix = processor.tokenizer(processor.template.system.format(content=text), add_special_tokens=False)["input_ids"]
-    rows = [{"input_ids": prefix + row["input_ids"], "roles": [int(TokenRole.SYSTEM)] * len(prefix) + row["roles"]}
-            for row in _rows(inputs)]
-    batch = _left_pad(rows, processor.tokenizer.pad_token_id)
-    if inputs.get("pixel_values") is not None:
-        batch["pixel_values"] = inputs["pixel_values"]
-    return batch
-
-
-def with_leading_suffix(inputs: dict, processor, suffix: str) -> dict:
-    """LQCD's leading query built from the neutral one: `suffix` added at the end of the last user turn."""
-    if not isinstance(processor, VLMProcessor):
-        chat = _hf_processor(processor)
-        leading = [{"role": "user", "content": QUESTION[0]["content"] + suffix}]
-        return splice_prompts(inputs, chat.prompt_edit(QUESTION, leading), True, chat.tokenizer.pad_token_id or 0,
-                              "lqcd")
-    tokenizer, template = processor.tokenizer, processor.template
-    ending = tokenizer(template.user.split("{content}")[1], add_special_tokens=False)["input_ids"] \
-        + tokenizer(template.assistant_header, add_special_tokens=False)["input_ids"]
-    added = tokenizer(suffix, add_special_tokens=False)["input_ids"]
-    rows = []
-    for index, row in enumerate(_rows(inputs)):
-        ids, roles = row["input_ids"], row["roles"]
-        if ids[-len(ending):] != ending:
-            raise ValueError(f"lqcd: prompt {index} does not end with a user turn and the assistant header, "
-                             "so the leading suffix has no place; pass `leading` inputs instead")
-        cut = len(ids) - len(ending)
-        rows.append({"input_ids": ids[:cut] + added + ids[cut:],
-                     "roles": roles[:cut] + [int(TokenRole.PROMPT)] * len(added) + roles[cut:]})
-    batch = _left_pad(rows, tokenizer.pad_token_id)
-    if inputs.get("pixel_values") is not None:
-        batch["pixel_values"] = inputs["pixel_values"]
-    return batch
-
-
-def with_noised_image(inputs: dict, step: int, seed: int) -> dict:
-    """VCD's contrast input: each image noised with the noise drawn from `seed` for it alone, so that an image
-    is distorted alike in any batch. Qwen2-VL's flattened patches are split per image by `image_grid_thw`;
-    Idefics3's all-zero padding images stay zero (its model tells them from real ones that way)."""
-    pixels = inputs.get("pixel_values")
-    if pixels is None:
-        raise ValueError("vcd distorts the image, but the input has no pixel_values")
-    grid = inputs.get("image_grid_thw")
-    if grid is not None:  # (patches of all images, patch dim)
-        images = pixels.split(grid.prod(-1).tolist())
-        noised = torch.cat([diffusion_noise(image, step, seed=seed) for image in images])
-    else:  # (..., C, H, W)
-        images = pixels.reshape(-1, *pixels.shape[-3:])
-        noised = torch.stack([diffusion_noise(image, step, seed=seed) if image.any() else image
-                              for image in images]).reshape(pixels.shape)
-    return {**inputs, "pixel_values": noised}
 
 
 def repeat_samples(inputs: dict, times: int, num_image_tokens: int) -> dict:

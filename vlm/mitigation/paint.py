@@ -12,7 +12,9 @@ a CLIP tower whose patch tokens are the image tokens (LLaVA-1.5; SigLIP towers h
 
 import torch
 
-from .model_parts import is_suite_model
+from .model_parts import decoder_layers, is_suite_model, num_heads
+from .pai import install_boost
+from .registry import Method, llava_depth_layers, register
 
 
 def _check_tower(model):
@@ -110,3 +112,36 @@ def select_paint_tokens(model, pixel_values: torch.Tensor, local_ratio: float) -
         prefix = torch.zeros(local.shape[0], tower.num_prefix_tokens, dtype=torch.bool, device=local.device)
         local, summary = torch.cat([prefix, local], 1), torch.cat([prefix, summary], 1)
     return local, summary
+
+
+def head_scale_from_sensitivity(sensitivity: torch.Tensor) -> torch.Tensor:
+    """(num_layers, H) visual sensitivity -> per-head margin multipliers with mean 1 in every layer."""
+    return sensitivity / sensitivity.mean(dim=1, keepdim=True).clamp_min(1e-12)
+
+
+def check_head_count(model, sensitivity: torch.Tensor):
+    expected = (len(decoder_layers(model)), num_heads(model))
+    if tuple(sensitivity.shape) != expected:
+        raise ValueError(f"visual_sensitivity statistics have shape {tuple(sensitivity.shape)}, but this model has "
+                         f"{expected[0]} layers x {expected[1]} heads: recalibrate (vlm.mitigation.calibration)")
+
+
+def install(plan, options: dict):
+    install_boost(plan, options, "paint")
+    if options["head_specific"]:
+        if "visual_sensitivity" not in plan.stats:
+            raise ValueError("paint head_specific=True needs the visual_sensitivity statistics: run "
+                             "vlm.mitigation.calibration on the model (or set model.mitigation_stats)")
+        check_head_count(plan.model, plan.stats["visual_sensitivity"])
+        plan.head_scale = head_scale_from_sensitivity(plan.stats["visual_sensitivity"])
+
+
+register(Method(
+    name="paint", description="as PAI, separately for informative and summary visual tokens",
+    # separate margins for local (alpha) and summary (beta) image tokens; head_specific scales the margins per
+    # head by the calibrated visual sensitivity
+    defaults={"alpha": 0.7, "beta": 0.3, "local_ratio": 0.25, "layers": None, "head_specific": False,
+              "cfg": None, "cfg_beta": 0.1},
+    install=install, layers=llava_depth_layers(2 / 32),
+    uses_contrast_branch=lambda options: options["cfg"] is not None,
+))

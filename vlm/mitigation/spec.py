@@ -7,40 +7,14 @@ A spec is a name (`"vhr"`), a list of names (`["vhr", "pai"]`), a dict of name -
 filled in for the model's depth.
 """
 
-# Defaults follow `shared/reference/hallucination.md`; `layers=None` means "the method's default layers
-# for this depth" (see `default_layers`).
-METHOD_DEFAULTS = {
-    # VHR: scale the top-half heads (by vision-aware head divergence) of the chosen layers by alpha.
-    "vhr": {"alpha": 2.0, "layers": None},
-    # PAI: a[img] += alpha * |a[img]| on the last query row, pre-softmax; cfg=gamma adds the text-only
-    # guidance branch (1.1 in the PAI README), off by default because it costs a second forward.
-    "pai": {"alpha": 0.2, "layers": None, "cfg": None, "cfg_beta": 0.1},
-    # PAINT: separate margins for local (alpha) and summary (beta) image tokens; head_specific scales
-    # the margins per head by the calibrated visual sensitivity.
-    "paint": {"alpha": 0.7, "beta": 0.3, "local_ratio": 0.25, "layers": None, "head_specific": False,
-              "cfg": None, "cfg_beta": 0.1},
-    # VAR: keep p of the sink attention of image-centric rows and give the rest to non-sink image tokens.
-    "var": {"tau": 20.0, "rho": 0.5, "p": 0.6, "summ": 0.2, "sink_dims": None, "layers": None},
-    # Contrastive decoding: (1 + alpha) l - alpha l' with the plausibility cut beta.
-    "vcd": {"alpha": 1.0, "beta": 0.1, "noise_step": 500, "seed": 0},
-    "icd": {"alpha": 1.0, "beta": 0.1, "disturbance": "You are a confused object detector.", "processor": None},
-    # LQCD: the contrast is `leading` (a processor output), or the prompt with `suffix` added to its last
-    # user turn when a `processor` is given instead.
-    "lqcd": {"alpha": 1.0, "beta": 0.1, "leading": None, "processor": None, "suffix": " I am sure it is there, right?"},
-}
+from . import icd, lqcd, pai, paint, var, vcd, vhr  # noqa: F401  (each registers its method)
+from .registry import METHODS
 
-METHOD_DESCRIPTIONS = {
-    "vhr": "reinforces vision-aware attention heads (measured against an image-free pass)",
-    "pai": "raises attention to image tokens in chosen layers",
-    "paint": "as PAI, separately for informative and summary visual tokens",
-    "var": "moves attention from visual sink tokens to the other image tokens",
-    "vcd": "contrastive decoding against a noised image",
-    "icd": "contrastive decoding against a disturbed instruction",
-    "lqcd": "contrastive decoding against a leading query",
-}
-
-ATTENTION_METHODS = ("pai", "paint", "var")
-CONTRASTIVE_METHODS = ("vcd", "icd", "lqcd")
+# Each method's file holds its defaults (after `shared/reference/hallucination.md`); `layers=None` means "the
+# method's default layers for this depth" (see `default_layers`). `vlm list mitigations` and the docs use this order.
+ORDER = ("vhr", "pai", "paint", "var", "vcd", "icd", "lqcd")
+METHOD_DEFAULTS = {name: METHODS[name].defaults for name in ORDER}
+METHOD_DESCRIPTIONS = {name: METHODS[name].description for name in ORDER}
 
 
 def parse_mitigation_arg(text: str) -> dict:
@@ -83,21 +57,11 @@ def _parse_value(value: str):
 
 
 def default_layers(method: str, num_layers: int) -> list[int]:
-    """The layers a method edits by default, scaled from the LLaVA-1.5 (32-layer) choices to any depth.
-
-    - VHR: layer 1 and the last 14/32 of the layers ("the second and last 14 layers").
-    - PAI/PAINT: from 2/32 of the depth to the end (layers 2..31 of 32).
-    - VAR: from 2/32 of the depth to the last layer, excluded (the last layer is skipped).
-    """
-    start = round(2 * num_layers / 32)
-    if method == "vhr":
-        tail = range(num_layers - max(1, round(14 * num_layers / 32)), num_layers)
-        return sorted({min(1, num_layers - 1), *tail})
-    if method in ("pai", "paint"):
-        return list(range(start, num_layers))
-    if method == "var":
-        return list(range(start, max(start + 1, num_layers - 1)))
-    raise ValueError(f"{method} has no layers")
+    """The layers a method edits by default, scaled from the LLaVA-1.5 (32-layer) choices to any depth."""
+    layers = METHODS[method].layers
+    if layers is None:
+        raise ValueError(f"{method} has no layers")
+    return layers(num_layers)
 
 
 def normalize_spec(spec) -> dict:
@@ -123,17 +87,6 @@ def normalize_spec(spec) -> dict:
     return normalized
 
 
-PROMPT_METHODS = ("icd", "lqcd")  # they rewrite the prompt, so they need the processor
-
-
-def with_processor(spec, processor) -> dict:
-    """`spec` as a dict, with `processor` handed to the prompt-rewriting methods that were not given one
-    (what `vlm eval --mitigation icd` and the demo need: a command line cannot pass a processor)."""
-    spec = normalize_spec(spec)
-    return {name: ({"processor": processor, **options} if name in PROMPT_METHODS and options.get("leading") is None
-                   else options) for name, options in spec.items()}
-
-
 def check_options(spec, num_beams: int = 1) -> dict:
     """`{method: complete options}` with `layers` as given (None: the default for the model's depth): all that
     can be checked before a model is loaded. Raises ValueError for unknown methods or options, two methods
@@ -141,6 +94,9 @@ def check_options(spec, num_beams: int = 1) -> dict:
     margins: both would add to the same logits) and contrastive decoding with beam search."""
     resolved = {}
     for name, options in normalize_spec(spec).items():
+        if "processor" in options:
+            raise ValueError(f"mitigation {name!r}: the processor is an argument of generate, not an option: "
+                             f"model.generate(**inputs, mitigation={name!r}, processor=processor)")
         unknown = set(options) - set(METHOD_DEFAULTS[name])
         if unknown:
             raise ValueError(f"mitigation {name!r}: unknown option(s) {sorted(unknown)}; "
@@ -187,6 +143,4 @@ def _check_layers(name, layers, num_layers):
 
 def contrast_branch_users(resolved: dict) -> list[str]:
     """The methods of a resolved spec that need the second (contrast) branch."""
-    users = [name for name in CONTRASTIVE_METHODS if name in resolved]
-    users += [name for name in ("pai", "paint") if name in resolved and resolved[name]["cfg"] is not None]
-    return users
+    return [name for name, options in resolved.items() if METHODS[name].uses_contrast_branch(options)]

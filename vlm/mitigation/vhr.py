@@ -19,6 +19,7 @@ import torch
 
 from ..roles import TokenRole
 from .model_parts import attention_module, decoder_layers, is_suite_model, num_heads
+from .registry import Method, register
 
 
 def select_vision_heads(divergence: torch.Tensor, text_activation: torch.Tensor) -> torch.Tensor:
@@ -131,3 +132,20 @@ class HeadReinforcement:
             hook.remove()
         self._hooks = []
         return False
+
+
+def default_layers(num_layers: int) -> list[int]:
+    """"The second and last 14 layers" of LLaVA-1.5's 32: layer 1 and the last 14/32 of the depth."""
+    tail = range(num_layers - max(1, round(14 * num_layers / 32)), num_layers)
+    return sorted({min(1, num_layers - 1), *tail})
+
+
+def install(plan, options: dict):
+    plan.vhr = options
+
+
+register(Method(
+    name="vhr", description="reinforces vision-aware attention heads (measured against an image-free pass)",
+    # scale the top-half heads (by vision-aware head divergence) of the chosen layers by alpha
+    defaults={"alpha": 2.0, "layers": None}, install=install, layers=default_layers,
+))
