@@ -71,3 +71,36 @@ def test_causal_mode_leaves_the_mask_to_the_decoder():
 def test_unknown_mode_is_refused():
     with pytest.raises(ValueError, match="attention_mode"):
         allowed_pairs(ROLES, PADDING_MASK, "bidirectional")
+
+
+def test_images_side_by_side_are_separate_blocks():
+    # <image><image> of two tokens each: a run of four image tokens holding two images
+    roles = torch.tensor([[R.PROMPT, R.IMAGE, R.IMAGE, R.IMAGE, R.IMAGE, R.PROMPT]])
+    extra = allowed_pairs(roles, torch.ones_like(roles), "bidirectional_visual", tokens_per_image=2)
+    causal = torch.ones(6, 6, dtype=torch.bool).tril()
+    expected = causal.clone()
+    expected[1, 2] = expected[3, 4] = True  # each image's first token sees its second, nothing of the other image
+    assert torch.equal(extra[0], expected)
+
+
+@pytest.mark.parametrize("mode", ATTENTION_MODES)
+def test_two_adjacent_images_in_every_mode(mode):
+    """Through the model: with causal and bidirectional-visual masks, changing the second image leaves the first
+    image's outputs unchanged (its tokens see nothing after it); modality-mutual lets them see the prompt after
+    the images, which saw the second image, and prefix-LM lets the whole prompt see all of it."""
+    from PIL import Image
+
+    from vlm.testing import tiny_vlm
+
+    model, processor = tiny_vlm(attention_mode=mode, seed=3)
+    first = Image.new("RGB", (32, 32), (200, 30, 30))
+    outputs = []
+    for second in (Image.new("RGB", (32, 32), (30, 30, 200)), Image.linear_gradient("L").convert("RGB")):
+        inputs = processor(images=[[first, second]], text=["<image><image>\nWhich differ?"])
+        with torch.no_grad():
+            outputs.append(model(**inputs).logits)
+    image = (inputs["mm_token_type_ids"] == R.IMAGE)[0].nonzero().flatten()
+    first_image = image[:model.num_image_tokens]
+    assert len(image) == 2 * model.num_image_tokens and int(image[-1] - image[0]) == len(image) - 1  # adjacent
+    changed = (outputs[0][0, first_image] - outputs[1][0, first_image]).abs().max()
+    assert (changed < 1e-6) if mode in ("causal", "bidirectional_visual") else (changed > 1e-4), mode

@@ -38,11 +38,16 @@ def check_attention_mode(mode: str) -> str:
     return mode
 
 
-def image_block_ids(roles: torch.Tensor) -> torch.Tensor:
-    """Number the images of each row: contiguous runs of IMAGE tokens get ids 0, 1, ...; other tokens -1."""
+def image_block_ids(roles: torch.Tensor, tokens_per_image: int | None = None) -> torch.Tensor:
+    """Number the images of each row (ids 0, 1, ...; other tokens -1). With `tokens_per_image` (the model's
+    connector output count) every image's own tokens form a block, also when images sit side by side
+    (`<image><image>`); without it each contiguous run of IMAGE tokens is one block."""
     is_image = roles == TokenRole.IMAGE
-    starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
-    block = starts.long().cumsum(dim=1) - 1
+    if tokens_per_image:
+        block = torch.div(is_image.long().cumsum(dim=1) - 1, tokens_per_image, rounding_mode="floor")
+    else:
+        starts = is_image & ~torch.nn.functional.pad(is_image, (1, 0))[:, :-1]
+        block = starts.long().cumsum(dim=1) - 1
     return torch.where(is_image, block, torch.full_like(block, -1))
 
 
@@ -55,7 +60,7 @@ def next_answer_index(roles: torch.Tensor) -> torch.Tensor:
     return candidate.flip(1).cummin(dim=1).values.flip(1)
 
 
-def extra_visibility(roles: torch.Tensor, mode: str) -> torch.Tensor | None:
+def extra_visibility(roles: torch.Tensor, mode: str, tokens_per_image: int | None = None) -> torch.Tensor | None:
     """Boolean (B, L, L) matrix of (query, key) pairs a mode allows on top of causal attention, or None."""
     check_attention_mode(mode)
     if mode == "causal":
@@ -64,7 +69,7 @@ def extra_visibility(roles: torch.Tensor, mode: str) -> torch.Tensor | None:
     extra = torch.zeros(batch, length, length, dtype=torch.bool, device=roles.device)
     query_role, key_role = roles[:, :, None], roles[:, None, :]
     if "bidirectional_visual" in mode:
-        block = image_block_ids(roles)
+        block = image_block_ids(roles, tokens_per_image)
         extra |= (block[:, :, None] == block[:, None, :]) & (block[:, :, None] >= 0)
     if "modality_mutual" in mode:
         positions = torch.arange(length, device=roles.device)
@@ -83,7 +88,8 @@ def extra_visibility(roles: torch.Tensor, mode: str) -> torch.Tensor | None:
     return extra & not_padding[:, :, None] & not_padding[:, None, :]
 
 
-def allowed_pairs(roles: torch.Tensor, attention_mask: torch.Tensor, mode: str) -> torch.Tensor:
+def allowed_pairs(roles: torch.Tensor, attention_mask: torch.Tensor, mode: str,
+                  tokens_per_image: int | None = None) -> torch.Tensor:
     """The full boolean (B, L, L) matrix of which query may see which key: the reference picture of a mode.
 
     Used by tests and plots; the model itself goes through `build_attention_mask`.
@@ -91,20 +97,21 @@ def allowed_pairs(roles: torch.Tensor, attention_mask: torch.Tensor, mode: str) 
     length = roles.shape[1]
     causal = torch.ones(length, length, dtype=torch.bool, device=roles.device).tril()
     allowed = causal.expand(roles.shape[0], length, length).clone()
-    extra = extra_visibility(roles, mode)
+    extra = extra_visibility(roles, mode, tokens_per_image)
     if extra is not None:
         allowed |= extra
     return allowed & attention_mask.bool()[:, None, :]
 
 
-def build_attention_mask(text_config, inputs_embeds, attention_mask, roles, mode):
-    """The attention mask a Hugging Face decoder gets for a prefill in `mode`.
+def build_attention_mask(text_config, inputs_embeds, attention_mask, roles, mode, tokens_per_image: int | None = None):
+    """The attention mask a Hugging Face decoder gets for a prefill in `mode` (`tokens_per_image`: see
+    `image_block_ids`).
 
     Returns None for plain causal (the decoder builds its own), else what `create_causal_mask` returns
     for the decoder's attention backend; for decoders with sliding-window layers, a dict keyed by layer
     type, as transformers' hybrid models expect.
     """
-    extra = extra_visibility(roles, mode)
+    extra = extra_visibility(roles, mode, tokens_per_image)
     if extra is None:
         return None
     from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask

@@ -189,7 +189,8 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
             return attention_mask
         check_attention_backend(self.config.attention_mode, self.language_model.config._attn_implementation)
         return build_attention_mask(
-            self.language_model.config, inputs_embeds, attention_mask, roles, self.config.attention_mode
+            self.language_model.config, inputs_embeds, attention_mask, roles, self.config.attention_mode,
+            tokens_per_image=self.num_image_tokens,
         )
 
 
