@@ -281,3 +281,20 @@ def test_a_timm_instance_as_the_tower(tmp_path):
         assert torch.equal(model.get_image_features(pixels), loaded.get_image_features(pixels))
     with pytest.raises(ValueError, match="vision_model is a davit_tiny"):
         VisionLanguageModel(config, vision_model=timm.create_model("davit_tiny", num_classes=0))
+
+
+def test_the_image_placeholder_is_never_generated(tmp_path):
+    """A model that would write the image placeholder (here forced by a large logit) does not, so the next step
+    is never asked for an image; the setting travels with the saved model."""
+    model, processor = tiny_vlm(seed=1)
+    image_token = processor.image_token_id
+    hook = model.get_output_embeddings().register_forward_hook(
+        lambda module, args, logits: logits.index_add(-1, torch.tensor([image_token]),
+                                                      torch.full((*logits.shape[:-1], 1), 100.0)))
+    inputs = processor(images=[Image.new("RGB", (32, 32), "red")], text=["<image>\nWhat is it?"])
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    hook.remove()
+    assert output.shape[1] == inputs["input_ids"].shape[1] + 4
+    assert image_token not in output[0, inputs["input_ids"].shape[1]:].tolist()
+    model.save_pretrained(tmp_path)
+    assert image_token in VisionLanguageModel.from_pretrained(tmp_path).generation_config.suppress_tokens

@@ -277,8 +277,7 @@ def import_llava(source, out, vision_tower=None, attention_mode: str = "causal")
                              num_image_tokens=model.num_image_tokens,
                              max_length=getattr(model.config.text_config, "max_position_embeddings", None),
                              template=LLAVA_TEMPLATE, interpolation="bicubic")
-    model.generation_config.eos_token_id = processor.stop_token_id
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    processor.configure_generation(model)
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -84,9 +84,20 @@ class VLMProcessor:
         )
         if model.config.image_token_id != processor.image_token_id:
             model.set_image_token_id(processor.image_token_id)
-        model.generation_config.eos_token_id = processor.stop_token_id
-        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        processor.configure_generation(model)
         return processor
+
+    def configure_generation(self, model):
+        """Write this processor's tokens into `model.generation_config` (saved with the model): generation stops
+        at the end-of-answer token, pads with the pad token, and never writes the image placeholder (nor the pad
+        token when it is not the stop token): a generated placeholder would ask the next step for an image."""
+        config = model.generation_config
+        config.eos_token_id = self.stop_token_id
+        config.pad_token_id = self.tokenizer.pad_token_id
+        never = [self.image_token_id]
+        if self.tokenizer.pad_token_id not in (None, self.stop_token_id):
+            never.append(self.tokenizer.pad_token_id)
+        config.suppress_tokens = sorted(set(config.suppress_tokens or []) | set(never))
 
     def __repr__(self) -> str:
         # stable across runs: evaluation settings files record it
