@@ -307,3 +307,13 @@ def test_the_command_line_runs_them_on_a_saved_family_folder(tmp_path, capsys, m
                  "--max-new-tokens", "3", "--mitigation", method])
     assert code == 0
     assert "answer" in json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("spec", [{"pai": {"alpha": 0.8}}, {"var": {"sink_dims": [0, 1], "tau": 1.0}}])
+def test_attention_edits_without_a_cache_equal_with_one(family, spec):
+    name, model, inputs = family
+    runs = [generate_with_mitigation(model, spec, **inputs, **GREEDY, use_cache=use_cache, output_logits=True,
+                                     return_dict_in_generate=True) for use_cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences), name
+    for cached, uncached in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)

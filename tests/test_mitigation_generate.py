@@ -148,3 +148,17 @@ def test_paint_head_specific_needs_statistics():
     with pytest.raises(ValueError, match="visual_sensitivity statistics"):
         model.generate(**processor(images=IMAGES[:1], text=PROMPTS[:1]), max_new_tokens=1,
                        mitigation={"paint": {"head_specific": True}})
+
+
+@pytest.mark.parametrize("spec", [{"pai": {"alpha": 0.8}}, {"paint": {"alpha": 0.8, "beta": 0.5}},
+                                  {"var": {"sink_dims": [0, 1], "tau": 1.0}}, {"vhr": {}, "pai": {"alpha": 0.5}}])
+def test_without_a_cache_equals_with_one(tiny, spec):
+    """Re-running prompt and answer at every step (use_cache=False) edits the rows the cached steps edited."""
+    model, _, inputs = tiny
+    runs = [model.generate(**inputs, max_new_tokens=4, do_sample=False, use_cache=use_cache, mitigation=spec,
+                           output_logits=True, return_dict_in_generate=True) for use_cache in (True, False)]
+    assert torch.equal(runs[0].sequences, runs[1].sequences)
+    for cached, uncached in zip(runs[0].logits, runs[1].logits):
+        torch.testing.assert_close(cached, uncached, atol=1e-4, rtol=1e-4)
+    plain = model.generate(**inputs, max_new_tokens=4, do_sample=False, output_logits=True, return_dict_in_generate=True)
+    assert max((a - b).abs().max() for a, b in zip(runs[0].logits, plain.logits)) > 1e-4  # the edit does something

@@ -41,6 +41,9 @@ class SequenceRecord:
     padding: torch.Tensor | None = None
     sinks: dict = field(default_factory=dict)  # VAR: layer -> (B, L0) bool
     is_prefill: bool = True
+    # positions of the prompt: all of a prefill; in a forward re-running prompt and answer without a cache
+    # (`use_cache=False`), the length of the first such forward, the answer rows coming after it
+    prompt_length: int | None = None
     _memo: dict = field(default_factory=dict)
     _memo_length: int = -1
 
@@ -119,7 +122,8 @@ class LayerEdits:
         grouped_query = query.reshape(batch, key_heads, heads // key_heads * queries, -1)
         scores = torch.matmul(grouped_query, key.transpose(2, 3)).mul_(scaling).view(batch, heads, queries, length)
         if self.boost is not None:
-            scores = boost_image_logits(scores, self.key_margins(record, length, scores.dtype))
+            rows = 1 + queries - record.prompt_length if record.is_prefill and record.prompt_length else 1
+            scores = boost_image_logits(scores, self.key_margins(record, length, scores.dtype), rows)
         scores = _mask_scores(scores, attention_mask)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if self.var is not None:
@@ -148,6 +152,7 @@ class AttentionEdits:
         # the generate call's images, for PAINT: transformers' generate may hand the prefill forward the image
         # features it computed instead of the pixels
         self.pixel_values = pixel_values
+        self.uncached_prompt_length: int | None = None
         self.records: dict[int, SequenceRecord] = {}
         self.current: SequenceRecord | None = None
         self._hooks, self._edited, self._original = [], [], None
@@ -194,6 +199,12 @@ class AttentionEdits:
         cache = inputs["cache"]
         if cached_length(cache) == 0:
             record = self._prefill_record(inputs)
+            length = inputs["input_ids"].shape[1]
+            if cache is None:  # the first forward without a cache is the prompt; later ones re-run it with answers
+                self.uncached_prompt_length = self.uncached_prompt_length or length
+                record.prompt_length = min(self.uncached_prompt_length, length)
+            else:
+                record.prompt_length = length
             if cache is not None:
                 self.records[id(cache)] = record
         else:
@@ -228,5 +239,6 @@ class AttentionEdits:
             sinks = sink_tokens(hidden, self.var["sink_dims"], self.var["tau"])
             if record.padding is not None:
                 sinks &= ~record.padding
+            sinks[:, record.prompt_length:] = False  # answer tokens are never sinks, re-run or cached
             record.sinks[layer_index] = sinks
         return detect

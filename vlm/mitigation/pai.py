@@ -14,14 +14,17 @@ from .model_parts import is_suite_model
 from .registry import Method, Plan, llava_depth_layers, register
 
 
-def boost_image_logits(scores: torch.Tensor, key_margins: torch.Tensor) -> torch.Tensor:
-    """PAI/PAINT: on the last query row, score += margin * |score| for every key (margin 0 off the image).
+def boost_image_logits(scores: torch.Tensor, key_margins: torch.Tensor, rows: int = 1) -> torch.Tensor:
+    """PAI/PAINT: on the last `rows` query rows, score += margin * |score| for every key (margin 0 off the image).
 
-    scores: (B, H, Q, K) pre-softmax logits (before the mask is added); key_margins: (B, H or 1, K).
+    scores: (B, H, Q, K) pre-softmax logits (before the mask is added); key_margins: (B, H or 1, K). One row in
+    a prefill and at each cached step; a forward that re-runs prompt and answer without a cache boosts the
+    prompt's last row and every answer row, the rows the cached steps boosted one by one.
     """
-    last = scores[:, :, -1:, :]
+    rows = min(rows, scores.shape[2])
+    last = scores[:, :, -rows:, :]
     boosted = last + key_margins.unsqueeze(2) * last.abs()
-    return boosted if scores.shape[2] == 1 else torch.cat([scores[:, :, :-1, :], boosted], dim=2)
+    return boosted if rows == scores.shape[2] else torch.cat([scores[:, :, :-rows, :], boosted], dim=2)
 
 
 def install_boost(plan: Plan, options: dict, kind: str):
