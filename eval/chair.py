@@ -12,17 +12,23 @@ the image's ground-truth set is hallucinated. Over a set of captions:
 All four are fractions (papers and lmms-eval print them x 100, ``avg_len`` as is).
 
 Caption processing follows the reference (``LisaAnne/Hallucination:utils/chair.py`` as modified by Maxlinn and
-used by OPERA/VCD/PAI): lower-case, tokenise, singularise each word, merge two-word phrases with the double-word
-table, drop "seat" when "toilet" is in the caption, then keep the words that are surface forms. The reference
-tokenises with NLTK and lemmatises with WordNet guided by a POS tagger, whose data cannot be installed offline;
-here a regular-expression tokeniser close to NLTK's Treebank tokeniser and a noun singulariser built on
-``inflect`` take their place. Words that are themselves surface forms or parts of double words are never
-changed ("bus", "tennis", "glass", "people"), and an ``inflect`` result outside the vocabulary gives way to
-dropping a final "s"/"es" when that yields a vocabulary word ("mouses" -> "mouse"). Known differences from the
-reference (it lemmatises words tagged as verbs, so "skiing" -> "ski" -> skis; here verbs are left alone) are
-listed with worked examples in ``tests/test_eval_chair.py``. On OPERA's released LLaVA-1.5 captions (500 images)
-this gives CHAIR_S/CHAIR_I 45.0/12.6 (greedy), 49.0/13.8 (beam 5), 44.8/12.7 (OPERA) against the reference's
-45.0/12.7, 48.8/13.9, 44.6/12.8.
+used by OPERA/VCD/PAI): lower-case, tokenise, lemmatise each word, merge two-word phrases with the double-word
+table, drop "seat" when "toilet" is in the caption, then keep the words that are surface forms.
+
+- **Exact** (``ReferenceWords``), whenever NLTK (>= 3.9) finds its ``averaged_perceptron_tagger_eng`` and
+  ``wordnet`` resources (NLTK's data path or ``NLTK_DATA``; ``python -m nltk.downloader
+  averaged_perceptron_tagger_eng wordnet`` fetches them): sentences split after ``.!?``, each tokenised with NLTK's
+  Treebank tokeniser (what ``nltk.word_tokenize`` does inside a sentence, without needing its ``punkt_tab``
+  model), the caption POS-tagged with ``nltk.pos_tag`` and every word lemmatised by WordNet with its tag's part
+  of speech, as the reference does ("tied" -> tie, "seated" -> seat, "skiing" -> ski). On OPERA's released
+  LLaVA-1.5 captions this reproduces the reference's CHAIR_S/CHAIR_I 45.0/12.7 (greedy), 48.8/13.9 (beam 5),
+  44.6/12.8 (OPERA) exactly (``tests/test_eval_chair.py``).
+- **Approximate**, without those resources (a one-line warning says so): a regular-expression tokeniser close to
+  NLTK's and a noun singulariser built on ``inflect``. Words that are themselves surface forms or parts of
+  double words are never changed ("bus", "tennis", "glass", "people"), and an ``inflect`` result outside the
+  vocabulary gives way to dropping a final "s"/"es" when that yields a vocabulary word ("mouses" -> "mouse").
+  Verbs are left alone, so "skiing" is no skis (worked examples in ``tests/test_eval_chair.py``); on OPERA's
+  captions this gives 45.0/12.6, 49.0/13.8, 44.8/12.7.
 
 Quirks of the reference that are kept because they come from its data: "motor bike" and "cheesecake" are never
 detected (the synonym list spells them " motor bike" and " cheesecake" with a leading space), "train track" and
@@ -50,6 +56,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import logging
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -77,6 +84,64 @@ def tokenize_caption(caption: str) -> list[str]:
     return [match.group().lower() for match in _TOKEN.finditer(caption)]
 
 
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
+_WORDNET_POS = {"J": "a", "V": "v", "N": "n", "R": "r"}  # the first letter of a Penn tag -> WordNet's part of speech
+
+
+class ReferenceWords:
+    """The reference's word processing with NLTK: tokenise, POS-tag, lemmatise by tag (see the module docstring).
+
+    `ReferenceWords.find()` gives one when NLTK and its two resources are installed, else None."""
+
+    def __init__(self):
+        from nltk.stem import WordNetLemmatizer
+        from nltk.tag.perceptron import PerceptronTagger
+        from nltk.tokenize import NLTKWordTokenizer
+
+        # the tagger nltk.pos_tag uses, loaded once (pos_tag loads it again on every call)
+        self._tag = PerceptronTagger().tag
+        self._tokenizer, self._lemmatizer = NLTKWordTokenizer(), WordNetLemmatizer()
+
+    @staticmethod
+    def find() -> "ReferenceWords | None":
+        try:
+            import nltk
+            from nltk.corpus import wordnet
+
+            nltk.data.find("taggers/averaged_perceptron_tagger_eng/")
+            wordnet.ensure_loaded()  # a folder or a zip, wherever NLTK looks
+        except (ImportError, LookupError):
+            return None
+        return ReferenceWords()
+
+    def words(self, caption: str) -> tuple[list[str], list[tuple[int, int]]]:
+        """The caption's lemmas and, for each, its character range in the caption."""
+        text = caption.lower()
+        tokens, spans, start = [], [], 0
+        for sentence in _SENTENCE_END.split(text):
+            offset = text.index(sentence, start) if sentence else start
+            for a, b in self._tokenizer.span_tokenize(sentence):
+                tokens.append(sentence[a:b])
+                spans.append((offset + a, offset + b))
+            start = offset + len(sentence)
+        tags = self._tag(tokens) if tokens else []
+        lemmas = [self._lemmatizer.lemmatize(word, _WORDNET_POS.get(tag[:1], "n")) for word, tag in tags]
+        return lemmas, spans
+
+
+NLTK_HINT = ("python -m nltk.downloader averaged_perceptron_tagger_eng wordnet (or point NLTK_DATA at a folder "
+             "holding them)")
+_warned = []
+
+
+def _warn_approximate():
+    if not _warned:  # once per process
+        _warned.append(True)
+        logging.getLogger(__name__).warning(
+            "CHAIR: NLTK's tagger and WordNet were not found, so words are singularised instead of lemmatised as "
+            "the reference does (CHAIR_S/CHAIR_I within ~0.2 points); for exact numbers: %s", NLTK_HINT)
+
+
 class ChairVocabulary:
     """Surface forms -> categories, two-word merges and suppression rules used to find object mentions.
 
@@ -89,7 +154,14 @@ class ChairVocabulary:
         double_words: Mapping[str, str] | None = None,
         categories: Iterable[str] | None = None,
         ignore_if_present: Mapping[str, Sequence[str]] | None = None,
+        exact: bool | None = None,
     ):
+        # exact: the reference's NLTK word processing (True: required; None: when NLTK's resources are found)
+        self.reference = None if exact is False else ReferenceWords.find()
+        if exact and self.reference is None:
+            raise ValueError(f"exact CHAIR needs NLTK with its tagger and WordNet: {NLTK_HINT}")
+        if exact is None and self.reference is None:
+            _warn_approximate()
         self.synonyms = dict(synonyms)
         self.double_words = dict(double_words or {})
         self.categories = tuple(categories) if categories is not None else tuple(sorted(set(self.synonyms.values())))
@@ -101,8 +173,13 @@ class ChairVocabulary:
         self._protected = {part for phrase in [*self.synonyms, *self.double_words] for part in phrase.split()}
         self._singular_cache: dict[str, str] = {}
 
+    @property
+    def word_processing(self) -> str:
+        """"nltk" (the reference's, exact) or "singularize" (approximate)."""
+        return "nltk" if self.reference is not None else "singularize"
+
     @classmethod
-    def load(cls, path: str | Path) -> ChairVocabulary:
+    def load(cls, path: str | Path, exact: bool | None = None) -> ChairVocabulary:
         """Read a vocabulary JSON: the generic format or the COCO ``chair_synonyms.json``."""
         data = read_json(path)
         if "inverse_synonym_dict" in data:
@@ -113,7 +190,7 @@ class ChairVocabulary:
                 double_words=data.get("double_word_dict"),
                 categories=data.get("categories"),  # written by data.shapes.chair_vocabulary, absent for COCO
                 # Reference rule: "the seat of the toilet" must not fire for chair.
-                ignore_if_present={"seat": ["toilet"]},
+                ignore_if_present={"seat": ["toilet"]}, exact=exact,
             )
         if "synonyms" not in data:
             raise ValueError(f"{path}: a CHAIR vocabulary needs a 'synonyms' field (see eval/chair.py)")
@@ -121,7 +198,7 @@ class ChairVocabulary:
             synonyms=data["synonyms"],
             double_words=data.get("double_words"),
             categories=data.get("categories"),
-            ignore_if_present=data.get("ignore_if_present"),
+            ignore_if_present=data.get("ignore_if_present"), exact=exact,
         )
 
     def singularize(self, word: str) -> str:
@@ -163,16 +240,20 @@ class CaptionObjects:
 
 
 def extract_objects(caption: str, vocabulary: ChairVocabulary) -> CaptionObjects:
-    """Find the object mentions of ``caption`` (tokenise, singularise, merge double words, look up)."""
-    matches = list(_TOKEN.finditer(caption))
-    words = [vocabulary.singularize(match.group().lower()) for match in matches]
+    """Find the object mentions of ``caption`` (tokenise, lemmatise, merge double words, look up)."""
+    if vocabulary.reference is not None:
+        words, word_spans = vocabulary.reference.words(caption)
+    else:
+        matches = list(_TOKEN.finditer(caption))
+        words = [vocabulary.singularize(match.group().lower()) for match in matches]
+        word_spans = [match.span() for match in matches]
     merged, spans = [], []
     i = 0
     while i < len(words):
         pair = " ".join(words[i : i + 2])
         width = 2 if i + 1 < len(words) and pair in vocabulary.double_words else 1
         merged.append(vocabulary.double_words[pair] if width == 2 else words[i])
-        spans.append((matches[i].start(), matches[i + width - 1].end()))
+        spans.append((word_spans[i][0], word_spans[i + width - 1][1]))
         i += width
     present = set(merged)
     ignored = {w for w, others in vocabulary.ignore_if_present.items() if w in present and present & set(others)}
@@ -285,5 +366,6 @@ def evaluate_chair(
         "n_mentions": totals["mentions"],
         "n_hallucinated_mentions": totals["hallucinated_mentions"],
         "max_new_tokens": max_new_tokens,
+        "word_processing": vocabulary.word_processing,
         "per_caption": per_caption,
     }

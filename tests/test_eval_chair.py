@@ -24,7 +24,22 @@ COCO_MINI = Path(__file__).resolve().parents[2] / "shared" / "data" / "coco_mini
 def coco_vocab():
     if not CHAIR_DATA.is_dir():
         pytest.skip(f"shared CHAIR data not found at {CHAIR_DATA}")
-    return ChairVocabulary.load(CHAIR_DATA / "chair_synonyms.json")
+    return ChairVocabulary.load(CHAIR_DATA / "chair_synonyms.json", exact=False)  # the approximate processing
+
+
+@pytest.fixture(scope="module")
+def exact_vocab():
+    """The reference's NLTK word processing, with the shared NLTK_DATA folder (tagger and WordNet)."""
+    import nltk
+
+    folder = CHAIR_DATA.parent / "nltk"
+    if not folder.is_dir():
+        pytest.skip(f"shared NLTK data not found at {folder}")
+    nltk.data.path.insert(0, str(folder))
+    try:
+        yield ChairVocabulary.load(CHAIR_DATA / "chair_synonyms.json", exact=True)
+    finally:
+        nltk.data.path.remove(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -98,12 +113,14 @@ def test_mentions(coco_vocab, caption, expected):
 
 
 # Agreement with the NLTK reference (OPERA/Maxlinn chair.py: nltk.word_tokenize, nltk.pos_tag, WordNet
-# lemmatiser with the tag's part of speech), worked out by reading that code: (caption, reference categories,
-# categories found here). Rows where they differ are the reference lemmatising words tagged as verbs.
+# lemmatiser with the tag's part of speech): (caption, the reference's categories, the approximation's when they
+# differ). The reference column is what the exact processing gives (it reproduces OPERA's logs, see below).
 AGREEMENT = [
-    ("Two men and three women near the buses.", ["person", "person", "bus"], None),  # noun.exc men/women
+    # WordNet keeps "men", a noun lemma of its own, which is no surface form; "women" -> woman
+    ("Two men and three women near the buses.", ["person", "bus"], ["person", "person", "bus"]),
     ("A cat chasing mice next to the knives.", ["cat", "mouse", "knife"], None),  # noun.exc mice/knives
-    ("Geese and oxen in a field with people.", ["bird", "cow", "person"], None),
+    # the tagger calls "geese" an adjective, which WordNet leaves alone
+    ("Geese and oxen in a field with people.", ["cow", "person"], ["bird", "cow", "person"]),
     # WordNet may lemmatise "dining" (VBG) to "dine", so the reference does not merge "dining table" and
     # counts "table" instead: same category (its Len counts one token more)
     ("Hot dogs and teddy bears on a dining table.", ["hot dog", "teddy bear", "dining table"], None),
@@ -123,9 +140,35 @@ AGREEMENT = [
 
 
 @pytest.mark.parametrize("caption, reference, ours", AGREEMENT)
-def test_agreement_with_nltk_reference(coco_vocab, caption, reference, ours):
-    found = extract_objects(caption, coco_vocab).categories
-    assert found == (reference if ours is None else ours)
+def test_agreement_with_nltk_reference(coco_vocab, exact_vocab, caption, reference, ours):
+    assert extract_objects(caption, coco_vocab).categories == (reference if ours is None else ours)
+    assert extract_objects(caption, exact_vocab).categories == reference
+
+
+# OPERA's released LLaVA-1.5 captions of its 500 images, scored by OPERA's own chair.py (NLTK tagging and WordNet
+# lemmatisation): CHAIR_S, CHAIR_I, recall x 100, rounded as papers print them
+OPERA_REFERENCE = {"greedy": (45.0, 12.7, 80.4), "beam5": (48.8, 13.9, 80.3), "ours": (44.6, 12.8, 79.5)}
+
+
+@pytest.mark.parametrize("log", sorted(OPERA_REFERENCE))
+def test_exact_processing_reproduces_the_reference_on_operas_captions(exact_vocab, coco_truth, log):
+    captions = load_captions(CHAIR_DATA / "opera_llava15" / f"{log}.jsonl")
+    result = evaluate_chair(captions, coco_truth, exact_vocab)
+    assert result["word_processing"] == "nltk" and result["n_captions"] == 500
+    printed = tuple(round(100 * result[key], 1) for key in ("chair_s", "chair_i", "recall"))
+    assert printed == OPERA_REFERENCE[log]
+
+
+def test_without_nltk_resources_the_approximation_says_so(caplog, monkeypatch):
+    import eval.chair as chair
+
+    monkeypatch.setattr(chair.ReferenceWords, "find", staticmethod(lambda: None))
+    monkeypatch.setattr(chair, "_warned", [])
+    vocabulary = ChairVocabulary({"dog": "dog"})
+    assert vocabulary.word_processing == "singularize"
+    assert "nltk.downloader averaged_perceptron_tagger_eng wordnet" in caplog.text
+    with pytest.raises(ValueError, match="exact CHAIR needs NLTK"):
+        ChairVocabulary({"dog": "dog"}, exact=True)
 
 
 def test_metrics_by_hand(coco_vocab):
