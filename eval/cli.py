@@ -140,6 +140,9 @@ def _add_eval_arguments(parser, max_new_tokens: int):
     add_model_arguments(parser)
     parser.add_argument("--out", required=True, type=Path, help="folder for answers, summary and plots")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images answered together")
+    parser.add_argument("--max-error-rate", type=float, default=0.01,
+                        help="when more of the inputs than this fraction fail (e.g. missing images), print no metric "
+                             "and exit 1")
     parser.add_argument("--limit", type=positive_int, default=None, help="evaluate only the first N inputs (per split)")
     parser.add_argument("--overwrite", action="store_true",
                         help="discard earlier answers in --out instead of resuming (needed when settings changed)")
@@ -251,9 +254,20 @@ def eval_command(args) -> int:
     result, images = args.run(args, model, processor, generation_kwargs, model_name)
     summary = write_report(args.out, args.task, result, model_name, generation_kwargs, images,
                            name=args.report_name(args))
+    failed, total = summary["n_errors"], summary["n_errors"] + summary["n_scored"]
+    if failed > args.max_error_rate * total:
+        errors = summary["result"].get("errors") or next(
+            (split["errors"] for split in summary["result"].get("splits", {}).values() if split["errors"]), [])
+        example = f"; e.g. {errors[0].get('error')}" if errors else ""
+        print(f"vlm eval {args.task}: {failed} of {total} inputs failed ({failed / total:.1%}, more than "
+              f"--max-error-rate {args.max_error_rate:.1%}){example}: no metric is printed, as it would describe "
+              f"the {total - failed} that could be answered; everything is in {summary['summary_file']}",
+              file=sys.stderr)
+        return 1
     print(json.dumps(summary["headline"], indent=1))
-    print(f"summary: {summary['summary_file']}", file=sys.stderr)
-    return 1 if summary["n_errors"] else 0
+    print(f"summary: {summary['summary_file']}" + (f" ({failed} of {total} inputs failed)" if failed else ""),
+          file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _task_parser(tasks, name: str, help_text: str, max_new_tokens: int, run, report_name=None):

@@ -15,7 +15,7 @@ from .runner import normalise_settings
 
 DETAIL_FIELDS = ("per_caption", "per_image", "per_question")
 CHAIR_HEADLINE = ("chair_s", "chair_i", "recall", "avg_len", "n_captions")
-POPE_HEADLINE = ("accuracy", "precision", "recall", "f1", "yes_ratio")
+POPE_HEADLINE = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
 NUM_EXAMPLES = 6
 
 
@@ -27,12 +27,19 @@ def headline(task: str, result: dict) -> dict:
     """The few numbers to print and compare for a task."""
     if task == "pope":
         rows = {**result["splits"], "average": result["average"]}
-        return {name: {key: round(row[key], 4) for key in POPE_HEADLINE} for name, row in rows.items()}
+        return {name: {key: round(row[key], 4) for key in POPE_HEADLINE if key in row} for name, row in rows.items()}
     if task == "chair":
         return {key: result[key] for key in CHAIR_HEADLINE}
     if task == "captions":
-        return result["metrics"]
+        return {**result["metrics"], "n": result["n_images"]}
     return {"accuracy": result["accuracy"], "n": result["n"]}
+
+
+def count_scored(task: str, result: dict) -> int:
+    """How many inputs the metrics are computed on (the answered ones)."""
+    if task == "pope":
+        return sum(split["n"] for split in result["splits"].values())
+    return result["n_captions"] if task == "chair" else result["n_images"] if task == "captions" else result["n"]
 
 
 def count_errors(task: str, result: dict) -> int:
@@ -96,6 +103,7 @@ def write_report(out_dir, task: str, result: dict, model_name: str, generation_k
         "generation": normalise_settings(generation_kwargs),
         "headline": headline(task, result),
         "n_errors": count_errors(task, result),
+        "n_scored": count_scored(task, result),
         "result": normalise_settings(_without_details(result)),
         "details_file": str(details_file),
         "plots": draw_plots(task, name, result, out_dir, images or {}),

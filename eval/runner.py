@@ -13,6 +13,7 @@ unless told to overwrite.
 
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -156,6 +157,12 @@ def run_requests(model, processor, requests: list[Request], answers_path, key_fi
         raise ValueError(f"{key_field}={duplicate!r} appears more than once among the requests")
     store = AnswerStore(answers_path, key_field, {**settings, "generation": generation_kwargs}, overwrite)
     pending = [request for request in requests if request.record[key_field] not in store.records]
+    missing = [image for request in pending for image in request.images
+               if isinstance(image, (str, Path)) and not Path(image).is_file()]
+    if missing:  # said before the long part starts; they are answered as errors, each naming its file
+        logging.getLogger(__name__).warning(
+            "%d of the %d images to answer are missing (e.g. %s)", len(missing),
+            sum(len(request.images) for request in pending), missing[0])
     failed = {}
     for results in generate_answers(model, processor, pending, generation_kwargs, batch_size, max_pixels,
                                     progress=progress):

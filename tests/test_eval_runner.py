@@ -298,3 +298,27 @@ def test_eval_cli_chair_on_coco_images(setup, shared_data, tmp_path, capsys):
     summary = json.loads((out / "chair_6tok_summary.json").read_text())
     assert summary["headline"] == {key: expected[key] for key in summary["headline"]}
     assert summary["generation"] == {"max_new_tokens": 6, "num_beams": 1, "do_sample": False}
+
+
+def test_many_missing_images_print_no_metric(setup, tmp_path, capsys, caplog):
+    """POPE on a folder that lacks most of the images: the missing count is said before answering, and with
+    more failures than --max-error-rate no metric is printed (it would describe the few answered questions)."""
+    import shutil
+
+    scenes = tmp_path / "scenes"
+    shutil.copytree(setup / "scenes", scenes)
+    images = sorted((scenes / "images" / "test").iterdir())
+    for image in images[1:]:
+        image.unlink()
+    base = ["eval", "pope", "--model", str(setup / "model"), "--scenes", str(scenes), "--max-new-tokens", "2",
+            "--no-progress"]
+    assert main([*base, "--out", str(tmp_path / "strict")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out == ""  # no headline
+    assert "inputs failed" in captured.err and "more than --max-error-rate 1.0%" in captured.err
+    assert "image file not found" in captured.err
+    assert "images to answer are missing" in caplog.text
+    assert main([*base, "--out", str(tmp_path / "lenient"), "--max-error-rate", "1"]) == 1  # failures still count
+    captured = capsys.readouterr()
+    headline = json.loads(captured.out)
+    assert headline["random"]["n"] >= 1 and "inputs failed" in captured.err
