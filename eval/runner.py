@@ -12,6 +12,7 @@ unless told to overwrite.
 """
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -42,10 +43,26 @@ def normalise_settings(settings: dict) -> dict:
     return json.loads(json.dumps(settings, default=_jsonable, sort_keys=True))
 
 
+def weights_fingerprint(model, samples: int = 64) -> str:
+    """A short hash of the model's weights: every tensor's name, shape and `samples` values spread over it, so
+    that answers made by other weights in the same folder (a newer checkpoint) are never resumed from. Cheap
+    for any size: a 7B model costs a few thousand small reads."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        flat = tensor.detach().reshape(-1)
+        picked = flat[:: max(1, flat.numel() // samples)][:samples].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}".encode())
+        digest.update(picked.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def model_description(model, name: str | None = None) -> dict:
-    """What identifies a model in the settings: its folder (or `name`) and the config fields that change answers."""
+    """What identifies a model in the settings: its folder (or `name`), a fingerprint of its weights and the
+    config fields that change answers."""
     config = getattr(model, "config", None)
     description = {"name": name or getattr(model, "name_or_path", "") or type(model).__name__}
+    if hasattr(model, "state_dict"):
+        description["weights"] = weights_fingerprint(model)
     for key in ("attention_mode", "vision", "connector", "vision_feature_layer"):
         if hasattr(config, key):
             description[key] = getattr(config, key)

@@ -322,3 +322,23 @@ def test_many_missing_images_print_no_metric(setup, tmp_path, capsys, caplog):
     captured = capsys.readouterr()
     headline = json.loads(captured.out)
     assert headline["random"]["n"] >= 1 and "inputs failed" in captured.err
+
+
+def test_new_weights_in_the_same_folder_are_not_resumed_from(setup, tmp_path, capsys):
+    import shutil
+
+    from vlm.testing import tiny_vlm
+
+    folder = tmp_path / "model"
+    shutil.copytree(setup / "model", folder)
+    base = ["eval", "pope", "--model", str(folder), "--scenes", str(setup / "scenes"), "--out", str(tmp_path / "out"),
+            "--limit", "2", "--max-new-tokens", "2", "--no-progress"]
+    assert main(base) == 0
+    assert main(base) == 0  # the same weights resume (nothing left to answer)
+    retrained, _ = tiny_vlm(seed=12)  # a newer checkpoint written over the folder's weights
+    retrained.save_pretrained(folder)
+    capsys.readouterr()
+    assert main(base) == 2
+    error = capsys.readouterr().err
+    assert "refusing to mix" in error and "weights" in error
+    assert main([*base, "--overwrite"]) == 0
