@@ -22,9 +22,10 @@ from .inference import Request, collect_image_paths, generate_answers, load_mode
 CAPTION_PROMPT = "Describe the image."
 
 
-def add_model_arguments(parser):
-    parser.add_argument("--model", required=True, type=Path,
-                        help="folder written by save_pretrained (model + processor)")
+def add_model_arguments(parser, required: bool = True):
+    parser.add_argument("--model", required=required, type=Path,
+                        help="folder written by save_pretrained (model + processor), or any Hugging Face "
+                             "image-text-to-text folder")
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a supporting GPU, else float32)")
@@ -137,7 +138,7 @@ def ask_command(args) -> int:
 
 # ------------------------------------------------------------------------------------------------- eval
 def _add_eval_arguments(parser, max_new_tokens: int):
-    add_model_arguments(parser)
+    add_model_arguments(parser, required=False)  # not to rescore outputs made elsewhere
     parser.add_argument("--out", required=True, type=Path, help="folder for answers, summary and plots")
     parser.add_argument("--batch-size", type=positive_int, default=8, help="images answered together")
     parser.add_argument("--max-error-rate", type=float, default=0.01,
@@ -244,16 +245,86 @@ def _vqa_eval(args, model, processor, generation_kwargs, model_name):
     return result, {}
 
 
+def _pope_rescore(args):
+    """POPE answers another codebase wrote (one file per split, in the splits' order), under every convention."""
+    from .pope import CONVENTIONS, average_over_splits, evaluate_pope
+    from .sources import external_outputs, pope_files, scenes_pope
+    from .tasks import with_errors
+
+    if args.scenes:
+        splits, _ = scenes_pope(args.scenes, args.split)
+    else:
+        _require(args, "pope_files")
+        splits = pope_files(args.pope_files)
+    if len(args.answers) != len(splits):
+        raise ValueError(f"--answers: {len(args.answers)} files for the {len(splits)} POPE splits "
+                         f"({', '.join(splits)}): give one answers file per split, in the same order")
+    per_split, by_convention = {}, {convention: {} for convention in CONVENTIONS}
+    for (name, questions), path in zip(splits.items(), args.answers):
+        answers = external_outputs(path, "question_id")
+        answered = [q for q in _limited(questions, args.limit) if q["question_id"] in answers]
+        errors = [{"question_id": q["question_id"], "error": f"no answer in {path}"}
+                  for q in _limited(questions, args.limit) if q["question_id"] not in answers]
+        if not answered:
+            raise ValueError(f"{path}: none of the {len(questions)} {name} questions has an answer there "
+                             "(do its question ids belong to this split's file?)")
+        per_split[name] = with_errors(evaluate_pope(answered, answers, args.convention), errors, path)
+        for convention in CONVENTIONS:
+            by_convention[convention][name] = evaluate_pope(answered, answers, convention)["accuracy"]
+    return {"convention": args.convention, "splits": per_split, "average": average_over_splits(per_split),
+            "by_convention": by_convention}, {}
+
+
+def _chair_rescore(args):
+    """CHAIR of captions another codebase wrote (`{"image_id", "caption"}` lines and the like)."""
+    from .chair import ChairVocabulary, evaluate_chair, image_id_key, load_chair_ground_truth, load_image_ids
+    from .sources import external_outputs
+
+    _require(args, "ground_truth", "synonyms")
+    captions = {image_id_key(key): text for key, text in external_outputs(args.captions, "image_id").items()}
+    ground_truth = load_chair_ground_truth(args.ground_truth)
+    wanted = load_image_ids(args.image_ids) if args.image_ids else sorted(captions, key=lambda k: (len(k), k))
+    wanted = _limited(wanted, args.limit)
+    without_truth = [key for key in wanted if key not in ground_truth]
+    if without_truth:
+        raise ValueError(f"{len(without_truth)} images of {args.captions} have no CHAIR ground truth in "
+                         f"{args.ground_truth}, e.g. {without_truth[:3]}")
+    errors = [{"image_id": key, "error": f"no caption in {args.captions}"} for key in wanted if key not in captions]
+    records = [{"image_id": key, "caption": captions[key]} for key in wanted if key in captions]
+    if not records:
+        raise ValueError(f"{args.captions}: no caption for any of the {len(wanted)} images")
+    result = evaluate_chair(records, ground_truth, ChairVocabulary.load(args.synonyms))
+    return {**result, "n_errors": len(errors), "errors": errors[:10], "answers_file": str(args.captions)}, {}
+
+
 def eval_command(args) -> int:
     from .report import write_report
 
     generation_kwargs = generation_kwargs_from_args(args)
+    outputs = getattr(args, "answers", None) or getattr(args, "captions", None)
+    if outputs:  # scored as they are: no model, no generation
+        if args.model is not None:
+            raise ValueError(f"--model and --{'answers' if args.task == 'pope' else 'captions'} exclude each other: "
+                             "the outputs are scored as they are")
+        result, images = args.rescore(args)
+        model_name = f"outputs: {', '.join(str(path) for path in (outputs if isinstance(outputs, list) else [outputs]))}"
+        summary = write_report(args.out, args.task, result, model_name, {}, images, name=args.report_name(args))
+        return _print_summary(args, summary)
+    if args.model is None:
+        extra = {"pope": " (or --answers FILE ... to score answers made elsewhere)",
+                 "chair": " (or --captions FILE to score captions made elsewhere)"}.get(args.task, "")
+        raise ValueError(f"vlm eval {args.task} needs --model{extra}")
     model, processor = _load_model(args, generation_kwargs)
     torch.manual_seed(args.seed)
     model_name = str(args.model.resolve())
     result, images = args.run(args, model, processor, generation_kwargs, model_name)
     summary = write_report(args.out, args.task, result, model_name, generation_kwargs, images,
                            name=args.report_name(args))
+    return _print_summary(args, summary)
+
+
+def _print_summary(args, summary: dict) -> int:
+    """The headline on stdout, unless too many inputs failed; 1 when any failed."""
     failed, total = summary["n_errors"], summary["n_errors"] + summary["n_scored"]
     if failed > args.max_error_rate * total:
         errors = summary["result"].get("errors") or next(
@@ -287,6 +358,10 @@ def _register_pope(tasks):
     parser.add_argument("--image-root", type=Path, help="folder of the COCO val2014 images")
     parser.add_argument("--convention", default="official", choices=CONVENTIONS, help="answer parsing rule")
     parser.add_argument("--prompt-suffix", default="", help="text after each question (e.g. ' Answer yes or no.')")
+    parser.add_argument("--answers", nargs="+", type=Path, default=None,
+                        help="score answers another codebase wrote instead of a model's: one JSON (Lines) file per "
+                             "split, in the order of --pope-files (LLaVA's text, VLMEvalKit's prediction, ...)")
+    parser.set_defaults(rescore=_pope_rescore)
 
 
 def _register_chair(tasks):
@@ -301,6 +376,10 @@ def _register_chair(tasks):
     parser.add_argument("--ground-truth", type=Path, help="CHAIR ground truth (coco2014_chair_gt_objects.json.gz)")
     parser.add_argument("--synonyms", type=Path, help="CHAIR vocabulary (chair_synonyms.json)")
     parser.add_argument("--prompt", default=CHAIR_PROMPT, help="the instruction for each caption (default: %(default)r)")
+    parser.add_argument("--captions", type=Path, default=None,
+                        help="score captions another codebase wrote instead of a model's: JSON (Lines) records "
+                             "with image_id and caption (or text, answer, prediction)")
+    parser.set_defaults(rescore=_chair_rescore)
 
 
 def _register_captions(tasks):

@@ -27,7 +27,11 @@ def headline(task: str, result: dict) -> dict:
     """The few numbers to print and compare for a task."""
     if task == "pope":
         rows = {**result["splits"], "average": result["average"]}
-        return {name: {key: round(row[key], 4) for key in POPE_HEADLINE if key in row} for name, row in rows.items()}
+        table = {name: {key: round(row[key], 4) for key in POPE_HEADLINE if key in row} for name, row in rows.items()}
+        if "by_convention" in result:  # rescored answers: the accuracy under every parsing rule, side by side
+            table["accuracy_by_convention"] = {convention: {split: round(accuracy, 4) for split, accuracy in row.items()}
+                                               for convention, row in result["by_convention"].items()}
+        return table
     if task == "chair":
         return {key: result[key] for key in CHAIR_HEADLINE}
     if task == "captions":

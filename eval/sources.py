@@ -9,7 +9,7 @@ from pathlib import Path
 
 from data.coco import CocoCaptionsDataset
 from data.images import resolve_image_path
-from data.jsonl import read_json, read_json_records
+from data.jsonl import DataFormatError, read_json, read_json_records
 from data.llava import llava_messages
 from data.pope import POPE_STRATEGIES, image_objects, read_pope_file
 
@@ -124,3 +124,25 @@ def easyvqa_questions(split: str = "test") -> list[dict]:
 
     return [{"question_id": entry["id"], "image": entry["path"], "question": entry["question"],
              "answers": entry["answer"]} for entry in EasyVQADataset(split).entries]
+
+
+# where other codebases put the answer text: LLaVA's model_vqa `text`, `answer`, OPERA's `caption`, VLMEvalKit's
+# `prediction`, lmms-eval's logged `filtered_resps` / `resps` (lists of lists)
+OUTPUT_TEXT_FIELDS = ("text", "answer", "caption", "prediction", "pred", "response", "filtered_resps", "resps")
+
+
+def external_outputs(path, id_field: str) -> dict:
+    """`{id: text}` from outputs another codebase wrote: JSON or JSON Lines records holding `id_field` (also
+    inside lmms-eval's `doc`) and the text in the first of `OUTPUT_TEXT_FIELDS` they have (lists unwrapped)."""
+    outputs = {}
+    for number, record in enumerate(read_json_records(path), start=1):
+        doc = record.get("doc") if isinstance(record.get("doc"), dict) else {}
+        key = record.get(id_field, doc.get(id_field))
+        text = next((record[field] for field in OUTPUT_TEXT_FIELDS if field in record), None)
+        while isinstance(text, list) and text:
+            text = text[0]
+        if key is None or not isinstance(text, str):
+            raise DataFormatError(f"{path}: record {number} needs {id_field!r} and an answer text (one of "
+                                  f"{', '.join(OUTPUT_TEXT_FIELDS)})")
+        outputs[key] = text
+    return outputs

@@ -25,7 +25,7 @@ def _settings(task: str, model, model_name, prompt: str, **extra) -> dict:
     return {"task": task, "model": model_description(model, model_name), "prompt": prompt, **extra}
 
 
-def _with_errors(metrics: dict, errors: list[dict], answers_path) -> dict:
+def with_errors(metrics: dict, errors: list[dict], answers_path) -> dict:
     return {**metrics, "n_errors": len(errors), "errors": errors[:SHOWN_ERRORS], "answers_file": str(answers_path)}
 
 
@@ -62,7 +62,7 @@ def run_pope(model, processor, questions: list[dict], image_root, answers_path, 
                                          prompt_suffix, generation_kwargs, batch_size, overwrite, progress, model_name)
     answers = {record["question_id"]: record["answer"] for record in answered}
     kept = [q for q in questions if q["question_id"] in answers]
-    return _with_errors(evaluate_pope(kept, answers, convention), errors, answers_path)
+    return with_errors(evaluate_pope(kept, answers, convention), errors, answers_path)
 
 
 def caption_images(model, processor, images: list[tuple], answers_path, prompt: str = CHAIR_PROMPT,
@@ -88,7 +88,7 @@ def run_chair(model, processor, images: list[tuple], ground_truth: dict, vocabul
                                       overwrite, progress, model_name, task="chair")
     _require_answers(captions, errors, "image")
     metrics = evaluate_chair(captions, ground_truth, vocabulary, max_new_tokens=generation_kwargs.get("max_new_tokens"))
-    return _with_errors(metrics, errors, answers_path)
+    return with_errors(metrics, errors, answers_path)
 
 
 def run_captions(model, processor, images: list[tuple], references: dict, answers_path, results_path=None,
@@ -107,7 +107,7 @@ def run_captions(model, processor, images: list[tuple], references: dict, answer
     if results_path is not None:
         write_caption_results(results_path, candidates)
     metrics = evaluate_captions(references, candidates, spice=spice)
-    return _with_errors({**metrics, "results_file": None if results_path is None else str(results_path)},
+    return with_errors({**metrics, "results_file": None if results_path is None else str(results_path)},
                         errors, answers_path)
 
 
@@ -123,4 +123,4 @@ def run_vqa(model, processor, questions: list[dict], answers_path, prompt_suffix
     references = {q["question_id"]: q["answers"] for q in questions}
     metrics = vqa_accuracy([r["answer"] for r in answered], [references[r["question_id"]] for r in answered])
     per_question = dict(zip((r["question_id"] for r in answered), metrics.pop("per_question")))
-    return _with_errors({**metrics, "per_question": per_question}, errors, answers_path)
+    return with_errors({**metrics, "per_question": per_question}, errors, answers_path)
