@@ -63,8 +63,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import inflect
+import numpy as np
 
 from data.jsonl import DataFormatError, read_json, read_json_records
+
+from .stats import bootstrap_intervals, ratio
 
 _INFLECT = inflect.engine()
 
@@ -302,6 +305,14 @@ def load_image_ids(path: str | Path) -> list[str]:
     return [image_id_key(i) for i in ids]
 
 
+def chair_from_counts(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """(B, 7) summed per-caption counts (captions, hallucinating captions, mentions, hallucinated mentions,
+    recalled objects, ground-truth objects, words) -> CHAIR_S, CHAIR_I, recall, average length, each (B,)."""
+    captions, hallucinating, mentions, hallucinated, recalled, truth, words = np.asarray(sums, dtype=np.float64).T
+    return {"chair_s": ratio(hallucinating, captions), "chair_i": ratio(hallucinated, mentions),
+            "recall": ratio(recalled, truth), "avg_len": ratio(words, captions)}
+
+
 def evaluate_chair(
     captions: Sequence[Mapping],
     ground_truth: Mapping[str, Iterable[str]],
@@ -315,7 +326,8 @@ def evaluate_chair(
     without ground truth is an error (the reference would silently treat it as having no objects);
     ``image_ids`` restricts the evaluation to a fixed list, each of which must have a caption;
     ``max_new_tokens`` (the generation setting, e.g. 64 or 512) is recorded in the result. Returns the overall
-    metrics plus ``per_caption`` details (mentions, hallucinated ``(surface, category)`` pairs, ground truth).
+    metrics, ``ci95`` (each metric's 95% bootstrap interval over the captions, ``eval.stats``) and
+    ``per_caption`` details (mentions, hallucinated ``(surface, category)`` pairs, ground truth).
     """
     if image_ids is not None:
         wanted = [image_id_key(i) for i in image_ids]
@@ -327,9 +339,7 @@ def evaluate_chair(
     if not captions:
         raise ValueError("CHAIR needs at least one caption")
 
-    totals = {"hallucinated_captions": 0, "mentions": 0, "hallucinated_mentions": 0, "words": 0}
-    recalled = gt_total = 0
-    per_caption = []
+    rows, per_caption = [], []
     for record in captions:
         key = image_id_key(record["image_id"])
         if key not in ground_truth:
@@ -338,12 +348,8 @@ def evaluate_chair(
         found = extract_objects(record["caption"], vocabulary)
         hallucinated = [(word, category) for _, word, category in found.mentions if category not in truth]
         mentioned_true = {category for category in found.categories if category in truth}
-        totals["hallucinated_captions"] += bool(hallucinated)
-        totals["mentions"] += len(found.mentions)
-        totals["hallucinated_mentions"] += len(hallucinated)
-        totals["words"] += len(found.words)
-        recalled += len(mentioned_true)
-        gt_total += len(truth)
+        rows.append([1, bool(hallucinated), len(found.mentions), len(hallucinated), len(mentioned_true), len(truth),
+                     len(found.words)])
         per_caption.append(
             {
                 "image_id": record["image_id"],
@@ -357,14 +363,14 @@ def evaluate_chair(
             }
         )
     n = len(captions)
+    rows = np.asarray(rows, dtype=np.float64)
+    point = {name: float(value[0]) for name, value in chair_from_counts(rows.sum(0)[None]).items()}
     return {
-        "chair_s": totals["hallucinated_captions"] / n,
-        "chair_i": totals["hallucinated_mentions"] / totals["mentions"] if totals["mentions"] else 0.0,
-        "recall": recalled / gt_total if gt_total else 0.0,
-        "avg_len": totals["words"] / n,
+        **point,
+        "ci95": bootstrap_intervals(rows, chair_from_counts),
         "n_captions": n,
-        "n_mentions": totals["mentions"],
-        "n_hallucinated_mentions": totals["hallucinated_mentions"],
+        "n_mentions": int(rows[:, 2].sum()),
+        "n_hallucinated_mentions": int(rows[:, 3].sum()),
         "max_new_tokens": max_new_tokens,
         "word_processing": vocabulary.word_processing,
         "per_caption": per_caption,

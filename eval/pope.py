@@ -30,7 +30,11 @@ import hashlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from data.jsonl import DataFormatError, read_jsonl
+
+from .stats import bootstrap_intervals, ratio
 
 YES, NO = "yes", "no"
 
@@ -93,48 +97,51 @@ def parse_pope_answer(text: str, convention: str = "official", label: str | None
     raise ValueError(f"unknown POPE convention {convention!r}; choose one of {CONVENTIONS}")
 
 
-def _ratio(numerator: float, denominator: float) -> float:
-    # Undefined ratios (e.g. precision with no "yes" prediction) are reported as 0.0, as lmms-eval does;
-    # the official script would raise ZeroDivisionError.
-    return numerator / denominator if denominator else 0.0
+COUNTS = ("tp", "fp", "tn", "fn", "unparsed")
+
+
+def metrics_from_counts(sums: np.ndarray) -> dict[str, np.ndarray]:
+    """(B, 5) summed tp, fp, tn, fn, unparsed -> the five metrics, each (B,). Undefined ratios (e.g. precision
+    with no "yes" prediction) are 0.0, as lmms-eval reports them; the official script would raise
+    ZeroDivisionError. Unparsed answers count as wrong."""
+    tp, fp, tn, fn, unparsed = sums.T
+    n = tp + fp + tn + fn + unparsed
+    precision, recall = ratio(tp, tp + fp), ratio(tp, tp + fn)
+    return {"accuracy": ratio(tp + tn, n), "precision": precision, "recall": recall,
+            "f1": ratio(2 * precision * recall, precision + recall), "yes_ratio": ratio(tp + fp, n)}
+
+
+def item_counts(labels: Sequence[str], predictions: Sequence[str | None]) -> np.ndarray:
+    """(n, 5) one-hot tp / fp / tn / fn / unparsed per question (positive class = yes)."""
+    if len(labels) != len(predictions):
+        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
+    if not labels:
+        raise ValueError("POPE metrics need at least one question")
+    rows = np.zeros((len(labels), len(COUNTS)))
+    for index, (label, prediction) in enumerate(zip(labels, predictions)):
+        if label not in (YES, NO):
+            raise ValueError(f"label #{index} is {label!r}; expected 'yes' or 'no'")
+        if prediction not in (YES, NO, None):
+            raise ValueError(f"prediction #{index} is {prediction!r}; expected 'yes', 'no' or None")
+        outcome = "unparsed" if prediction is None else ("tp" if label == YES else "fp") if prediction == YES \
+            else ("tn" if label == NO else "fn")
+        rows[index, COUNTS.index(outcome)] = 1
+    return rows
 
 
 def pope_metrics(labels: Sequence[str], predictions: Sequence[str | None]) -> dict:
     """Accuracy, precision, recall, F1 and predicted yes-ratio for one split (positive class = yes).
 
     ``labels`` are ``"yes"``/``"no"``; ``predictions`` are ``"yes"``, ``"no"`` or ``None`` (unparsed: counted
-    wrong for accuracy, outside TP/FP/TN/FN). Returns the five metrics as fractions in [0, 1] plus the counts
-    ``n``, ``tp``, ``fp``, ``tn``, ``fn``, ``unparsed``.
+    wrong for accuracy, outside TP/FP/TN/FN). Returns the five metrics as fractions in [0, 1], the counts
+    ``n``, ``tp``, ``fp``, ``tn``, ``fn``, ``unparsed``, and ``ci95``: each metric's 95% bootstrap interval
+    over the questions (``eval.stats``).
     """
-    if len(labels) != len(predictions):
-        raise ValueError(f"{len(labels)} labels but {len(predictions)} predictions")
-    if not labels:
-        raise ValueError("POPE metrics need at least one question")
-    counts = {"tp": 0, "fp": 0, "tn": 0, "fn": 0, "unparsed": 0}
-    for index, (label, prediction) in enumerate(zip(labels, predictions)):
-        if label not in (YES, NO):
-            raise ValueError(f"label #{index} is {label!r}; expected 'yes' or 'no'")
-        if prediction is None:
-            counts["unparsed"] += 1
-        elif prediction == YES:
-            counts["tp" if label == YES else "fp"] += 1
-        elif prediction == NO:
-            counts["tn" if label == NO else "fn"] += 1
-        else:
-            raise ValueError(f"prediction #{index} is {prediction!r}; expected 'yes', 'no' or None")
-    tp, fp, tn, fn = counts["tp"], counts["fp"], counts["tn"], counts["fn"]
-    n = len(labels)
-    precision = _ratio(tp, tp + fp)
-    recall = _ratio(tp, tp + fn)
-    return {
-        "accuracy": (tp + tn) / n,
-        "precision": precision,
-        "recall": recall,
-        "f1": _ratio(2 * precision * recall, precision + recall),
-        "yes_ratio": (tp + fp) / n,
-        "n": n,
-        **counts,
-    }
+    rows = item_counts(labels, predictions)
+    totals = rows.sum(0)
+    point = {name: float(value[0]) for name, value in metrics_from_counts(totals[None]).items()}
+    return {**point, "n": len(labels), **{name: int(count) for name, count in zip(COUNTS, totals)},
+            "ci95": bootstrap_intervals(rows, metrics_from_counts)}
 
 
 def evaluate_pope(

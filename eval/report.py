@@ -14,7 +14,7 @@ from . import plots
 from .runner import normalise_settings
 
 DETAIL_FIELDS = ("per_caption", "per_image", "per_question")
-CHAIR_HEADLINE = ("chair_s", "chair_i", "recall", "avg_len", "n_captions")
+CHAIR_HEADLINE = ("chair_s", "chair_i", "recall", "avg_len", "n_captions", "ci95")
 POPE_HEADLINE = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
 NUM_EXAMPLES = 6
 
@@ -28,6 +28,10 @@ def headline(task: str, result: dict) -> dict:
     if task == "pope":
         rows = {**result["splits"], "average": result["average"]}
         table = {name: {key: round(row[key], 4) for key in POPE_HEADLINE if key in row} for name, row in rows.items()}
+        for name, row in rows.items():  # the splits' 95% bootstrap intervals (the average row has none)
+            if "ci95" in row:
+                table[name]["ci95"] = {key: [round(v, 4) for v in row["ci95"][key]] for key in POPE_HEADLINE
+                                       if key in row["ci95"]}
         if "by_convention" in result:  # rescored answers: the accuracy under every parsing rule, side by side
             table["accuracy_by_convention"] = {convention: {split: round(accuracy, 4) for split, accuracy in row.items()}
                                                for convention, row in result["by_convention"].items()}
