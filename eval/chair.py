@@ -67,7 +67,7 @@ import numpy as np
 
 from data.jsonl import DataFormatError, read_json, read_json_records
 
-from .stats import bootstrap_intervals, ratio
+from .stats import bootstrap_intervals, paired_intervals, ratio
 
 _INFLECT = inflect.engine()
 
@@ -313,6 +313,16 @@ def chair_from_counts(sums: np.ndarray) -> dict[str, np.ndarray]:
             "recall": ratio(recalled, truth), "avg_len": ratio(words, captions)}
 
 
+def paired_chair_intervals(base: Mapping, other: Mapping) -> dict[str, list[float]]:
+    """95% intervals of `other - base` for each CHAIR metric, over the images both `evaluate_chair` results
+    captioned (their `per_caption` details)."""
+    first, second = ({str(entry["image_id"]): entry["counts"] for entry in result["per_caption"]}
+                     for result in (base, other))
+    shared = [key for key in first if key in second]
+    return paired_intervals(np.array([first[k] for k in shared]), np.array([second[k] for k in shared]),
+                            chair_from_counts)
+
+
 def evaluate_chair(
     captions: Sequence[Mapping],
     ground_truth: Mapping[str, Iterable[str]],
@@ -348,8 +358,9 @@ def evaluate_chair(
         found = extract_objects(record["caption"], vocabulary)
         hallucinated = [(word, category) for _, word, category in found.mentions if category not in truth]
         mentioned_true = {category for category in found.categories if category in truth}
-        rows.append([1, bool(hallucinated), len(found.mentions), len(hallucinated), len(mentioned_true), len(truth),
-                     len(found.words)])
+        counts = [1, int(bool(hallucinated)), len(found.mentions), len(hallucinated), len(mentioned_true), len(truth),
+                  len(found.words)]  # the columns of `chair_from_counts`
+        rows.append(counts)
         per_caption.append(
             {
                 "image_id": record["image_id"],
@@ -360,6 +371,7 @@ def evaluate_chair(
                 "hallucinated_spans": [found.spans[i] for i, _, c in found.mentions if c not in truth],
                 "ground_truth": sorted(truth),
                 "words": found.words,
+                "counts": counts,
             }
         )
     n = len(captions)

@@ -238,19 +238,35 @@ def _claimed(probes: dict) -> str:
     return f"{probes['claimed']}/{probes['probes']}"
 
 
+def _interval(result: dict, metric: str) -> str:
+    low, high = result["ci95"][metric]
+    return f"[{_pct(low)}, {_pct(high)}]"
+
+
 def _pope_rows(results: dict) -> list[list[str]]:
     rows = []
     for split, result in results["pope"]["splits"].items():
-        rows.append([split, _pct(result["accuracy"]), _pct(result["precision"]), _pct(result["recall"]),
-                     _pct(result["f1"]), _pct(result["yes_ratio"])])
+        rows.append([split, _pct(result["accuracy"]), _interval(result, "accuracy"), _pct(result["precision"]),
+                     _pct(result["recall"]), _pct(result["f1"]), _pct(result["yes_ratio"]), str(result["n"])])
     return rows
 
 
-MITIGATION_COLUMNS = ["mitigation", "adv. POPE acc", "F1", "yes-ratio", "false positives", "partner claimed",
-                      "CHAIR_S", "CHAIR_I", "recall", "partner named", "length", "time/token"]
+MITIGATION_COLUMNS = ["mitigation", "adv. POPE acc", "Δ acc [95% CI]", "F1", "yes-ratio", "false positives",
+                      "partner claimed", "CHAIR_S", "CHAIR_I", "Δ CHAIR_I [95% CI]", "recall", "partner named", "length",
+                      "time/token"]
+
+
+def _paired(interval: list[float], difference: float) -> str:
+    """A difference in points with its paired 95% interval, marked when the interval holds 0 (within noise)."""
+    low, high = (100 * value for value in interval)
+    noise = " (noise)" if low <= 0 <= high else ""
+    return f"{100 * difference:+.1f} [{low:+.1f}, {high:+.1f}]{noise}"
 
 
 def _mitigation_rows(results: dict) -> list[list[str]]:
+    from .chair import paired_chair_intervals
+    from .pope import paired_pope_intervals
+
     plain_speed = results["speed"]["plain"]
     runs = {"none": {"pope_adversarial": results["pope"]["splits"]["adversarial"], "chair": results["chair"]},
             **results["mitigation"]}
@@ -261,10 +277,17 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
             continue
         pope, chair = run["pope_adversarial"], run["chair"]
         speed = results["speed"].get("plain" if name == "none" else name)
-        rows.append([name, _pct(pope["accuracy"]), _pct(pope["f1"]), _pct(pope["yes_ratio"]), str(pope["fp"]),
-                     _claimed(pope["cooccurrence_probes"]), _pct(chair["chair_s"]), _pct(chair["chair_i"]),
-                     _pct(chair["recall"]), _claimed(chair["cooccurrence_probes"]), f"{chair['avg_len']:.1f}",
-                     f"{speed / plain_speed:.2f}x"])
+        plain_pope, plain_chair = runs["none"]["pope_adversarial"], runs["none"]["chair"]
+        accuracy_change = chair_i_change = ""
+        if name != "none":  # paired over the same questions and images as plain decoding
+            accuracy_change = _paired(paired_pope_intervals(plain_pope, pope)["accuracy"],
+                                      pope["accuracy"] - plain_pope["accuracy"])
+            chair_i_change = _paired(paired_chair_intervals(plain_chair, chair)["chair_i"],
+                                     chair["chair_i"] - plain_chair["chair_i"])
+        rows.append([name, _pct(pope["accuracy"]), accuracy_change, _pct(pope["f1"]), _pct(pope["yes_ratio"]),
+                     str(pope["fp"]), _claimed(pope["cooccurrence_probes"]), _pct(chair["chair_s"]),
+                     _pct(chair["chair_i"]), chair_i_change, _pct(chair["recall"]),
+                     _claimed(chair["cooccurrence_probes"]), f"{chair['avg_len']:.1f}", f"{speed / plain_speed:.2f}x"])
     return rows
 
 
@@ -290,15 +313,17 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
         f"(the most common training caption for every image: \"{baseline['caption']}\").\n"
         f"- VQA exact-match accuracy on the test conversations: **{_pct(results['vqa']['accuracy'])}%**."
     )
-    pope = _table(["split", "accuracy", "precision", "recall", "F1", "yes-ratio"], _pope_rows(results))
+    pope = _table(["split", "accuracy", "95% CI", "precision", "recall", "F1", "yes-ratio", "n"], _pope_rows(results))
     chair = results["chair"]
     caption_table = _table(
         ["metric", "model", "baseline"],
         [[name, f"{captions[name]:.3f}", f"{baseline[name]:.3f}"] for name in captions if name in baseline],
     )
-    chair_text = (f"CHAIR_S {_pct(chair['chair_s'])}%, CHAIR_I {_pct(chair['chair_i'])}%, recall "
-                  f"{_pct(chair['recall'])}%, average length {chair['avg_len']:.1f} words "
-                  f"(prompt \"{DETAIL_PROMPT}\", greedy, 64 new tokens).")
+    chair_text = (f"CHAIR_S {_pct(chair['chair_s'])}% {_interval(chair, 'chair_s')}, CHAIR_I {_pct(chair['chair_i'])}% "
+                  f"{_interval(chair, 'chair_i')}, recall {_pct(chair['recall'])}%, average length "
+                  f"{chair['avg_len']:.1f} words over {chair['n_captions']} images (prompt \"{DETAIL_PROMPT}\", greedy, "
+                  f"64 new tokens; brackets: 95% bootstrap intervals; words processed "
+                  f"{'as the reference does' if chair.get('word_processing') == 'nltk' else 'approximately (no NLTK data)'}).")
     mitigation = _table(MITIGATION_COLUMNS, _mitigation_rows(results))
     probes = results["pope"]["splits"]["adversarial"]["cooccurrence_probes"]
     caption_probes = results["chair"]["cooccurrence_probes"]
@@ -318,8 +343,10 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
          ["pope_metrics.png", "pope_yes_ratio.png"]),
         ("Captions (COCO caption metrics)", caption_table, []),
         ("CHAIR", chair_text, ["chair_vs_length.png"]),
-        ("Mitigation heads", mitigation + "\n\nAdversarial POPE and CHAIR with each decode-time method; partner "
-         "claimed / named: the co-occurrence probes above; time per token relative to plain greedy decoding.", []),
+        ("Mitigation heads", mitigation + "\n\nAdversarial POPE and CHAIR with each decode-time method; Δ: the change "
+         "from plain decoding in points, with its 95% interval paired over the same questions or images (1,000 "
+         "bootstrap resamples), \"(noise)\" when the interval holds 0; partner claimed / named: the co-occurrence "
+         "probes above; time per token relative to plain greedy decoding.", []),
         ("Sample captions", "Test images with their generated detailed descriptions; hallucinated objects in red.",
          ["examples.png"]),
         ("Where the model looks", attention_text, [attention["plot"]] if attention.get("plot") else []),

@@ -34,7 +34,7 @@ import numpy as np
 
 from data.jsonl import DataFormatError, read_jsonl
 
-from .stats import bootstrap_intervals, ratio
+from .stats import bootstrap_intervals, paired_intervals, ratio
 
 YES, NO = "yes", "no"
 
@@ -160,7 +160,17 @@ def evaluate_pope(
     predictions = [
         parse_pope_answer(answers_by_id[q["question_id"]], convention, label=q["label"]) for q in questions
     ]
-    return {**pope_metrics(labels, predictions), "convention": convention}
+    outcomes = item_counts(labels, predictions).argmax(1)
+    return {**pope_metrics(labels, predictions), "convention": convention,
+            # each question's tp / fp / tn / fn / unparsed, for paired comparisons of two runs
+            "per_question": {q["question_id"]: COUNTS[outcome] for q, outcome in zip(questions, outcomes)}}
+
+
+def paired_pope_intervals(base: Mapping, other: Mapping) -> dict[str, list[float]]:
+    """95% intervals of `other - base` for each metric, over the questions both `evaluate_pope` results scored."""
+    shared = [key for key in base["per_question"] if key in other["per_question"]]
+    rows = [np.eye(len(COUNTS))[[COUNTS.index(result["per_question"][key]) for key in shared]] for result in (base, other)]
+    return paired_intervals(rows[0], rows[1], metrics_from_counts)
 
 
 def average_over_splits(per_split: Mapping[str, Mapping]) -> dict:

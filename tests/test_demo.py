@@ -56,6 +56,10 @@ def test_numbers_parse_back_and_are_sane(demo):
     assert losses[-1] < LOSS_FALLS_TO * losses[0]
     mitigation_rows = re.findall(r"^\| (none|pai|vcd) \| ([\d.]+) \|", report, flags=re.M)
     assert [name for name, _ in mitigation_rows] == ["none", "pai", "vcd"]
+    # every mitigation's change from plain decoding with its paired interval, which holds the change
+    changes = re.findall(r"^\| (?:pai|vcd) \| [\d.]+ \| ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", report,
+                         flags=re.M)
+    assert len(changes) == 2 and all(float(low) <= float(change) <= float(high) for change, low, high in changes)
     bias = re.search(r"of the (\d+) adversarial questions about a missing partner .*?answered yes to (\d+)", report)
     probes = pope["adversarial"]["cooccurrence_probes"]
     assert (int(bias.group(1)), int(bias.group(2))) == (probes["probes"], probes["claimed"])
