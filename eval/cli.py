@@ -162,6 +162,13 @@ def _require(args, *names):
         raise ValueError(f"vlm eval {args.task} needs {' and '.join(missing)} (or --scenes DIR)")
 
 
+def _prompt(args, processor, option: str, key: str, default: str) -> str:
+    """A prompt option as given, else the convention the model was trained with (saved with its processor), else
+    the literature's default."""
+    given = getattr(args, option)
+    return given if given is not None else getattr(processor, "prompts", {}).get(key, default)
+
+
 def _limited(items, limit):
     return items if limit is None else items[:limit]
 
@@ -186,7 +193,8 @@ def _pope_eval(args, model, processor, generation_kwargs, model_name):
     per_split = {
         name: run_pope(model, processor, _limited(questions, args.limit), image_root,
                        args.out / f"pope_{name}.answers.jsonl", generation_kwargs=generation_kwargs,
-                       convention=args.convention, prompt_suffix=args.prompt_suffix, **_run_options(args, model_name))
+                       convention=args.convention, prompt_suffix=_prompt(args, processor, "prompt_suffix", "pope_suffix", ""),
+                       **_run_options(args, model_name))
         for name, questions in splits.items()
     }
     return {"convention": args.convention, "splits": per_split, "average": average_over_splits(per_split),
@@ -195,7 +203,7 @@ def _pope_eval(args, model, processor, generation_kwargs, model_name):
 
 def _chair_eval(args, model, processor, generation_kwargs, model_name):
     from .sources import coco_chair, scenes_chair
-    from .tasks import run_chair
+    from .tasks import CHAIR_PROMPT, run_chair
 
     if args.scenes:
         images, ground_truth, vocabulary = scenes_chair(args.scenes, args.split)
@@ -205,7 +213,8 @@ def _chair_eval(args, model, processor, generation_kwargs, model_name):
                                                       args.synonyms, args.file_pattern)
     images = _limited(images, args.limit)
     answers = args.out / f"chair_{args.max_new_tokens}tok.answers.jsonl"
-    result = run_chair(model, processor, images, ground_truth, vocabulary, answers, args.prompt,
+    prompt = _prompt(args, processor, "prompt", "chair", CHAIR_PROMPT)
+    result = run_chair(model, processor, images, ground_truth, vocabulary, answers, prompt,
                        generation_kwargs=generation_kwargs, **_run_options(args, model_name))
     return result, dict(images)
 
@@ -213,7 +222,7 @@ def _chair_eval(args, model, processor, generation_kwargs, model_name):
 def _captions_eval(args, model, processor, generation_kwargs, model_name):
     from .chair import load_image_ids
     from .sources import caption_set, scenes_captions
-    from .tasks import run_captions
+    from .tasks import CAPTION_PROMPT as COCO_PROMPT, run_captions
 
     if args.scenes:
         images, references = scenes_captions(args.scenes, args.split)
@@ -224,14 +233,14 @@ def _captions_eval(args, model, processor, generation_kwargs, model_name):
     images = _limited(images, args.limit)
     spice = {"auto": None, "on": True, "off": False}[args.spice]
     result = run_captions(model, processor, images, references, args.out / "captions.answers.jsonl",
-                          args.out / "captions_results.json", args.prompt, generation_kwargs=generation_kwargs,
-                          spice=spice, **_run_options(args, model_name))
+                          args.out / "captions_results.json", _prompt(args, processor, "prompt", "captions", COCO_PROMPT),
+                          generation_kwargs=generation_kwargs, spice=spice, **_run_options(args, model_name))
     return result, dict(images)
 
 
 def _vqa_eval(args, model, processor, generation_kwargs, model_name):
     from .sources import conversation_questions, easyvqa_questions, scenes_vqa
-    from .tasks import run_vqa
+    from .tasks import VQA_PROMPT_SUFFIX, run_vqa
 
     if args.scenes:
         questions = scenes_vqa(args.scenes, args.split)
@@ -240,8 +249,9 @@ def _vqa_eval(args, model, processor, generation_kwargs, model_name):
     else:
         _require(args, "conversations", "image_root")
         questions = conversation_questions(args.conversations, args.image_root)
+    suffix = _prompt(args, processor, "prompt_suffix", "vqa_suffix", VQA_PROMPT_SUFFIX)
     result = run_vqa(model, processor, _limited(questions, args.limit), args.out / "vqa.answers.jsonl",
-                     args.prompt_suffix, generation_kwargs=generation_kwargs, **_run_options(args, model_name))
+                     suffix, generation_kwargs=generation_kwargs, **_run_options(args, model_name))
     return result, {}
 
 
@@ -357,7 +367,9 @@ def _register_pope(tasks):
     parser.add_argument("--pope-files", nargs="+", type=Path, help="official question files (coco_pope_*.json)")
     parser.add_argument("--image-root", type=Path, help="folder of the COCO val2014 images")
     parser.add_argument("--convention", default="official", choices=CONVENTIONS, help="answer parsing rule")
-    parser.add_argument("--prompt-suffix", default="", help="text after each question (e.g. ' Answer yes or no.')")
+    parser.add_argument("--prompt-suffix", default=None,
+                        help="text after each question, e.g. ' Answer yes or no.' (default: the model's saved "
+                             "convention, else none)")
     parser.add_argument("--answers", nargs="+", type=Path, default=None,
                         help="score answers another codebase wrote instead of a model's: one JSON (Lines) file per "
                              "split, in the order of --pope-files (LLaVA's text, VLMEvalKit's prediction, ...)")
@@ -375,7 +387,8 @@ def _register_chair(tasks):
     parser.add_argument("--file-pattern", default=COCO_VAL2014_FILE, help="image file name from {image_id}")
     parser.add_argument("--ground-truth", type=Path, help="CHAIR ground truth (coco2014_chair_gt_objects.json.gz)")
     parser.add_argument("--synonyms", type=Path, help="CHAIR vocabulary (chair_synonyms.json)")
-    parser.add_argument("--prompt", default=CHAIR_PROMPT, help="the instruction for each caption (default: %(default)r)")
+    parser.add_argument("--prompt", default=None, help="the instruction for each caption (default: the model's saved "
+                        f"convention, else {CHAIR_PROMPT!r})")
     parser.add_argument("--captions", type=Path, default=None,
                         help="score captions another codebase wrote instead of a model's: JSON (Lines) records "
                              "with image_id and caption (or text, answer, prediction)")
@@ -391,7 +404,8 @@ def _register_captions(tasks):
     parser.add_argument("--karpathy-split", default=None, help="split of a Karpathy file (e.g. test)")
     parser.add_argument("--image-ids", type=Path, help="evaluate only these image ids")
     parser.add_argument("--image-root", type=Path, help="folder the image paths are relative to")
-    parser.add_argument("--prompt", default=COCO_PROMPT, help="the instruction for each caption (default: %(default)r)")
+    parser.add_argument("--prompt", default=None, help="the instruction for each caption (default: the model's saved "
+                        f"convention, else {COCO_PROMPT!r})")
     parser.add_argument("--spice", default="auto", choices=["auto", "on", "off"],
                         help="auto: SPICE only when its CoreNLP jars are installed")
 
@@ -403,7 +417,8 @@ def _register_vqa(tasks):
     parser.add_argument("--easyvqa", choices=["train", "test"], help="use an easy-VQA split")
     parser.add_argument("--conversations", type=Path, help="LLaVA-format question/answer conversations")
     parser.add_argument("--image-root", type=Path, help="folder the conversations' images are relative to")
-    parser.add_argument("--prompt-suffix", default=VQA_PROMPT_SUFFIX, help="text after each question (default: %(default)r)")
+    parser.add_argument("--prompt-suffix", default=None, help="text after each question (default: the model's saved "
+                        f"convention, else {VQA_PROMPT_SUFFIX!r})")
 
 
 def register(subparsers):

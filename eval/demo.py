@@ -75,7 +75,9 @@ def demo_train_config(out_dir: Path, scenes: Path, backbone: str, attention_mode
         out_dir=str(out_dir),
         model=ModelSpec(vision=vision, vision_kwargs=dict(vision_kwargs), vision_feature_layer=feature_layer,
                         connector="mlp2x_gelu", text_config=dict(DEMO_TEXT_CONFIG), attention_mode=attention_mode,
-                        image_size=64, tokenizer_vocab_size=512),
+                        image_size=64, tokenizer_vocab_size=512,
+                        # what the scenes' data asks: questions without a suffix, the detail and caption prompts
+                        prompts={"vqa_suffix": "", "pope_suffix": "", "chair": DETAIL_PROMPT, "captions": CAPTION_PROMPT}),
         data=DataConfig(sources=[
             DataSource(kind="scenes", path=str(scenes), split="train", weight=3.0),
             DataSource(kind="coco", path=str(scenes / "captions_train.json"), image_root=str(scenes / "images" / "train"),

@@ -342,3 +342,29 @@ def test_new_weights_in_the_same_folder_are_not_resumed_from(setup, tmp_path, ca
     error = capsys.readouterr().err
     assert "refusing to mix" in error and "weights" in error
     assert main([*base, "--overwrite"]) == 0
+
+
+def test_the_models_prompt_conventions_are_the_evaluation_default(setup, tmp_path):
+    """A model trained on questions without a suffix says so in its processor; `vlm eval vqa` then asks them that
+    way unless --prompt-suffix says otherwise."""
+    import shutil
+
+    from vlm import VLMProcessor
+
+    folder = tmp_path / "model"
+    shutil.copytree(setup / "model", folder)
+    processor = VLMProcessor.from_pretrained(folder)
+    processor.prompts = {"vqa_suffix": " One word:"}
+    processor.save_pretrained(folder)
+    assert VLMProcessor.from_pretrained(folder).prompts == {"vqa_suffix": " One word:"}
+    base = ["eval", "vqa", "--model", str(folder), "--scenes", str(setup / "scenes"), "--limit", "2",
+            "--max-new-tokens", "2", "--no-progress"]
+
+    def asked(out):
+        settings = json.loads((out / "vqa.answers.jsonl.settings.json").read_text())
+        return settings["prompt"]
+
+    assert main([*base, "--out", str(tmp_path / "saved")]) == 0
+    assert asked(tmp_path / "saved").endswith("{question} One word:")
+    assert main([*base, "--out", str(tmp_path / "given"), "--prompt-suffix", " Answer:"]) == 0
+    assert asked(tmp_path / "given").endswith("{question} Answer:")

@@ -52,6 +52,9 @@ class ModelSpec:
     tokenizer: str | None = None
     tokenizer_vocab_size: int = 512
     gradient_checkpointing: bool = False
+    # the prompt conventions of the training data, saved with the processor as `vlm eval`'s defaults
+    # (keys pope_suffix, chair, captions, vqa_suffix; e.g. {vqa_suffix: ""} when questions carry no suffix)
+    prompts: dict = field(default_factory=dict)
 
 
 @dataclass

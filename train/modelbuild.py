@@ -48,4 +48,6 @@ def build_model(spec: ModelSpec, tokenizer):
         text_pretrained_path=spec.llm, attention_mode=spec.attention_mode, image_token_id=image_token_id,
     )
     model = VisionLanguageModel(config)
-    return model, VLMProcessor.from_model(model, tokenizer)
+    processor = VLMProcessor.from_model(model, tokenizer)
+    processor.prompts = dict(spec.prompts)
+    return model, processor

@@ -49,13 +49,15 @@ class VLMProcessor:
         max_length: the LLM's context length; longer prompts are refused (or truncated in training).
         template: the chat template.
         interpolation: PIL resampling name for resizing ("bicubic", "bilinear", ...).
+        prompts: the prompt conventions the model was trained with, saved with it: `vlm eval` uses them when no
+            prompt option is given (keys "pope_suffix", "chair", "captions", "vqa_suffix"; see `eval.tasks`).
     """
 
     image_token = "<image>"
 
     def __init__(self, tokenizer, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                  num_image_tokens: int = 1, max_length: int | None = None, template: ChatTemplate | None = None,
-                 interpolation: str = "bicubic"):
+                 interpolation: str = "bicubic", prompts: dict | None = None):
         self.tokenizer = tokenizer
         if self.image_token not in tokenizer.get_vocab():
             tokenizer.add_special_tokens({"additional_special_tokens": [self.image_token]})
@@ -68,6 +70,7 @@ class VLMProcessor:
         self.max_length = max_length
         self.template = template or ChatTemplate()
         self.interpolation = interpolation
+        self.prompts = dict(prompts or {})
         self._resample = Image.Resampling[interpolation.upper()]
         self.stop_token_id = tokenizer.convert_tokens_to_ids(self.template.assistant_end) \
             if self.template.assistant_end in tokenizer.get_vocab() else tokenizer.eos_token_id
@@ -283,7 +286,7 @@ class VLMProcessor:
         settings = {
             "image_size": self.image_size, "mean": self.mean, "std": self.std,
             "num_image_tokens": self.num_image_tokens, "max_length": self.max_length,
-            "interpolation": self.interpolation, "template": asdict(self.template),
+            "interpolation": self.interpolation, "template": asdict(self.template), "prompts": self.prompts,
         }
         (folder / PROCESSOR_FILE).write_text(json.dumps(settings, indent=2))
 
