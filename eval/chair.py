@@ -54,6 +54,7 @@ Ground truth is a JSON object ``{image_id: [category, ...]}`` (optionally gzip-c
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import logging
@@ -115,7 +116,7 @@ class ReferenceWords:
             wordnet.ensure_loaded()  # a folder or a zip, wherever NLTK looks
         except (ImportError, LookupError):
             return None
-        return ReferenceWords()
+        return _reference_words(tuple(nltk.data.path))
 
     def words(self, caption: str) -> tuple[list[str], list[tuple[int, int]]]:
         """The caption's lemmas and, for each, its character range in the caption."""
@@ -130,6 +131,12 @@ class ReferenceWords:
         tags = self._tag(tokens) if tokens else []
         lemmas = [self._lemmatizer.lemmatize(word, _WORDNET_POS.get(tag[:1], "n")) for word, tag in tags]
         return lemmas, spans
+
+
+@functools.cache
+def _reference_words(data_path: tuple) -> ReferenceWords:
+    # one tagger (a 5.6 MB table) per NLTK data path, however many vocabularies are loaded
+    return ReferenceWords()
 
 
 NLTK_HINT = ("python -m nltk.downloader averaged_perceptron_tagger_eng wordnet (or point NLTK_DATA at a folder "

@@ -137,3 +137,20 @@ def test_refuses_to_overwrite_checkpoints_without_resume(tmp_path, scenes, base_
     train(tiny_config(tmp_path / "run", scenes, **settings))
     with pytest.raises(FileExistsError, match="resume"):
         train(tiny_config(tmp_path / "run", scenes, **settings))
+
+
+def test_library_progress_bars_are_off_while_training_and_restored_after(tmp_path, monkeypatch):
+    from transformers.utils import logging as transformers_logging
+
+    seen = []
+    save = VisionLanguageModel.save_pretrained
+
+    def spy(self, *args, **kwargs):
+        seen.append(transformers_logging.is_progress_bar_enabled())
+        return save(self, *args, **kwargs)
+
+    monkeypatch.setattr(VisionLanguageModel, "save_pretrained", spy)
+    transformers_logging.enable_progress_bar()
+    train(tiny_config(tmp_path / "run", make_scenes(tmp_path / "scenes", 10), max_steps=1))
+    assert seen and not any(seen)  # transformers' weight-saving bars were off
+    assert transformers_logging.is_progress_bar_enabled()  # and are the caller's again

@@ -43,43 +43,48 @@ ORIGINAL_KEYS = [(r"^model\.mm_projector\.0\.", "model.multi_modal_projector.lin
 
 
 # ------------------------------------------------------------------------------------------ the tower
+# timm ViT name -> CLIP name, per block and for the tower's own norms; weights and biases alike
+BLOCK_RENAMES = (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"), ("norm2", "layer_norm2"),
+                 ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2"))
+TOWER_RENAMES = (("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm"))
+
+
+def _tower_renames(depth: int) -> dict[str, str]:
+    """timm name -> CLIP name of every tensor that maps one to one (not the class and position embeddings,
+    which change shape, nor the fused qkv)."""
+    pairs = [*TOWER_RENAMES, *((f"blocks.{i}.{ours}", f"encoder.layers.{i}.{theirs}")
+                               for i in range(depth) for ours, theirs in BLOCK_RENAMES)]
+    renames = {f"{ours}.{kind}": f"{theirs}.{kind}" for ours, theirs in pairs for kind in ("weight", "bias")}
+    return {**renames, "patch_embed.proj.weight": "embeddings.patch_embedding.weight"}
+
+
+def _depth(keys, pattern: str) -> int:
+    return 1 + max(int(match.group(1)) for key in keys if (match := re.match(pattern, key)))
+
+
 def _clip_to_timm(clip: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """CLIPVisionTransformer's tensors (`embeddings.*`, `encoder.layers.N.*`) -> timm ViT's."""
-    out = {"cls_token": clip["embeddings.class_embedding"].reshape(1, 1, -1),
-           "pos_embed": clip["embeddings.position_embedding.weight"].unsqueeze(0),
-           "patch_embed.proj.weight": clip["embeddings.patch_embedding.weight"]}
-    for ours, theirs in (("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm")):
-        for kind in ("weight", "bias"):
-            out[f"{ours}.{kind}"] = clip[f"{theirs}.{kind}"]
-    depth = 1 + max(int(m.group(1)) for key in clip if (m := re.match(r"encoder\.layers\.(\d+)\.", key)))
+    depth = _depth(clip, r"encoder\.layers\.(\d+)\.")
+    out = {ours: clip[theirs] for ours, theirs in _tower_renames(depth).items()}
+    out["cls_token"] = clip["embeddings.class_embedding"].reshape(1, 1, -1)
+    out["pos_embed"] = clip["embeddings.position_embedding.weight"].unsqueeze(0)
     for index in range(depth):
-        layer, block = f"encoder.layers.{index}.", f"blocks.{index}."
         for kind in ("weight", "bias"):
-            out[block + f"attn.qkv.{kind}"] = torch.cat(
-                [clip[layer + f"self_attn.{name}_proj.{kind}"] for name in ("q", "k", "v")])
-            for ours, theirs in (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"),
-                                 ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                out[block + f"{ours}.{kind}"] = clip[layer + f"{theirs}.{kind}"]
+            out[f"blocks.{index}.attn.qkv.{kind}"] = torch.cat(
+                [clip[f"encoder.layers.{index}.self_attn.{name}_proj.{kind}"] for name in "qkv"])
     return out
 
 
 def _timm_to_clip(tower: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The inverse of `_clip_to_timm`."""
-    out = {"embeddings.class_embedding": tower["cls_token"].reshape(-1),
-           "embeddings.position_embedding.weight": tower["pos_embed"].squeeze(0),
-           "embeddings.patch_embedding.weight": tower["patch_embed.proj.weight"]}
-    for ours, theirs in (("norm_pre", "pre_layrnorm"), ("norm", "post_layernorm")):
-        for kind in ("weight", "bias"):
-            out[f"{theirs}.{kind}"] = tower[f"{ours}.{kind}"]
-    depth = 1 + max(int(m.group(1)) for key in tower if (m := re.match(r"blocks\.(\d+)\.", key)))
+    depth = _depth(tower, r"blocks\.(\d+)\.")
+    out = {theirs: tower[ours] for ours, theirs in _tower_renames(depth).items()}
+    out["embeddings.class_embedding"] = tower["cls_token"].reshape(-1)
+    out["embeddings.position_embedding.weight"] = tower["pos_embed"].squeeze(0)
     for index in range(depth):
-        layer, block = f"encoder.layers.{index}.", f"blocks.{index}."
         for kind in ("weight", "bias"):
-            for name, part in zip("qkv", tower[block + f"attn.qkv.{kind}"].chunk(3)):
-                out[layer + f"self_attn.{name}_proj.{kind}"] = part
-            for ours, theirs in (("attn.proj", "self_attn.out_proj"), ("norm1", "layer_norm1"),
-                                 ("norm2", "layer_norm2"), ("mlp.fc1", "mlp.fc1"), ("mlp.fc2", "mlp.fc2")):
-                out[layer + f"{theirs}.{kind}"] = tower[block + f"{ours}.{kind}"]
+            for name, part in zip("qkv", tower[f"blocks.{index}.attn.qkv.{kind}"].chunk(3)):
+                out[f"encoder.layers.{index}.self_attn.{name}_proj.{kind}"] = part
     return out
 
 
@@ -106,6 +111,18 @@ def _timm_feature_layer(hf_layer) -> int:
 
 
 # ----------------------------------------------------------------------------------------- the models
+# LlavaForConditionalGeneration's key prefix -> ours, for the projector and the LLM
+MODEL_RENAMES = (("model.multi_modal_projector.linear_1.", "connector.fc1."),
+                 ("model.multi_modal_projector.linear_2.", "connector.fc2."),
+                 ("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."))
+
+
+def _renamed(state: dict, prefixes) -> dict:
+    """The tensors of `state` whose key starts with one of the `(old, new)` prefixes, under the new prefix."""
+    return {new + key[len(old):]: value for key, value in state.items() for old, new in prefixes
+            if key.startswith(old)}
+
+
 def from_llava(llava, attention_mode: str = "causal") -> VisionLanguageModel:
     """A `VisionLanguageModel` with the weights of a `LlavaForConditionalGeneration` (tensors shared)."""
     config = llava.config
@@ -122,17 +139,9 @@ def from_llava(llava, attention_mode: str = "causal") -> VisionLanguageModel:
         vision_keep_prefix_tokens=strategy == "full", connector="mlp2x_gelu", text_config=config.text_config,
         attention_mode=attention_mode, image_token_id=config.image_token_id, image_size=vision.image_size))
     state = llava.state_dict()
-    tower = {key.removeprefix("model.vision_tower."): value for key, value in state.items()
-             if key.startswith("model.vision_tower.")}
+    tower = _renamed(state, [("model.vision_tower.", "")])
     weights = {f"vision_tower.model.{key}": value for key, value in _clip_to_timm(tower).items()}
-    for index in (1, 2):
-        for kind in ("weight", "bias"):
-            weights[f"connector.fc{index}.{kind}"] = state[f"model.multi_modal_projector.linear_{index}.{kind}"]
-    for key, value in state.items():
-        if key.startswith("model.language_model."):
-            weights["language_model.model." + key.removeprefix("model.language_model.")] = value
-        elif key.startswith("lm_head."):
-            weights["language_model." + key] = value
+    weights.update(_renamed(state, MODEL_RENAMES))
     ours.load_state_dict(weights, strict=True)
     ours.generation_config = llava.generation_config
     return ours.eval()
@@ -176,17 +185,9 @@ def to_llava(model: VisionLanguageModel):
         image_seq_length=model.num_image_tokens, projector_hidden_act="gelu")
     llava = LlavaForConditionalGeneration(llava_config)
     state = model.state_dict()
-    tower_state = {key.removeprefix("vision_tower.model."): value for key, value in state.items()
-                   if key.startswith("vision_tower.model.")}
-    weights = {f"model.vision_tower.{key}": value for key, value in _timm_to_clip(tower_state).items()}
-    for index in (1, 2):
-        for kind in ("weight", "bias"):
-            weights[f"model.multi_modal_projector.linear_{index}.{kind}"] = state[f"connector.fc{index}.{kind}"]
-    for key, value in state.items():
-        if key.startswith("language_model.model."):
-            weights["model.language_model." + key.removeprefix("language_model.model.")] = value
-        elif key.startswith("language_model.lm_head."):
-            weights[key.removeprefix("language_model.")] = value
+    tower = _renamed(state, [("vision_tower.model.", "")])
+    weights = {f"model.vision_tower.{key}": value for key, value in _timm_to_clip(tower).items()}
+    weights.update(_renamed(state, [(ours, theirs) for theirs, ours in MODEL_RENAMES]))
     llava.load_state_dict(weights, strict=True)
     llava.generation_config = model.generation_config
     return llava.eval()
