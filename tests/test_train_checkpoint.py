@@ -8,8 +8,11 @@ from collections import Counter
 import numpy as np
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
+from train import checkpoint
 from train.checkpoint import (frozen_fingerprint, latest_checkpoint, list_checkpoints, load_checkpoint,
                               remove_unfinished, rng_state, save_checkpoint, set_rng_state, trainable_state_dict)
 from train.sampler import ResumableBatchSampler, mixture_epoch
@@ -78,6 +81,43 @@ def test_save_load_restores_everything(tmp_path):
     assert torch.equal(fresh.embed.weight, after_one_more)  # same optimizer moments and learning rate
 
 
+def test_checkpoints_hold_no_pickle(tmp_path):
+    model, optimizer, scheduler = setup()
+    train_step(model, optimizer, scheduler)
+    path = save(tmp_path, 1, model, optimizer, scheduler)
+    assert {p.suffix for p in path.iterdir()} == {".safetensors", ".json", ".yaml"}
+    readers = {".safetensors": lambda f: load_file(str(f)), ".json": lambda f: json.loads(f.read_text()),
+               ".yaml": lambda f: yaml.safe_load(f.read_text())}
+    for file in path.iterdir():
+        readers[file.suffix](file)  # each file is what its name says, readable without unpickling
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.AdamW(params, lr=0.1, betas=(0.8, 0.95), amsgrad=True),
+    lambda params: torch.optim.SGD(params, lr=0.1, momentum=0.9, nesterov=True),
+    lambda params: torch.optim.Adagrad(params, lr=0.1),
+], ids=["adamw", "sgd", "adagrad"])
+def test_optimizer_state_round_trips_through_safetensors_and_json(tmp_path, make):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer = make(model.parameters())
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(5, 4)).pow(2).sum().backward()
+        optimizer.step()
+    checkpoint.save_optimizer_state(optimizer.state_dict(), tmp_path)
+    restored = make(torch.nn.Linear(4, 3).parameters())
+    restored.load_state_dict(checkpoint.load_optimizer_state(tmp_path, restored))
+    expected, got = optimizer.state_dict(), restored.state_dict()
+    assert got["param_groups"] == expected["param_groups"]  # tuples (betas) are tuples again
+    assert expected["state"].keys() == got["state"].keys()
+    for param_id, values in expected["state"].items():
+        assert values.keys() == got["state"][param_id].keys()
+        for name, value in values.items():
+            assert torch.equal(value, got["state"][param_id][name]) if torch.is_tensor(value) else \
+                value == got["state"][param_id][name]
+
+
 def test_resume_refuses_other_frozen_weights(tmp_path):
     model, optimizer, scheduler = setup(seed=0)
     path = save(tmp_path, 1, model, optimizer, scheduler)
@@ -94,7 +134,7 @@ def test_interrupted_save_leaves_the_last_good_checkpoint(tmp_path, monkeypatch)
     def crash(*args, **kwargs):
         raise KeyboardInterrupt("killed while saving")
 
-    monkeypatch.setattr(torch, "save", crash)
+    monkeypatch.setattr(checkpoint, "save_optimizer_state", crash)
     with pytest.raises(KeyboardInterrupt):
         save(tmp_path, 2, model, optimizer, scheduler)
     monkeypatch.undo()

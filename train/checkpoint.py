@@ -3,15 +3,17 @@
 A checkpoint is a folder `ckpt-000050/` holding
 - `trainable.safetensors`: the trainable parameters and the buffers (frozen weights are rebuilt from the
   recipe at resume and checked against `frozen_fingerprint`, so a LoRA checkpoint of a 1B model stays small);
-- `optimizer.pt`: the optimizer state dict (tensors and plain numbers; read back with `weights_only=True`);
+- `optimizer.safetensors` + `optimizer.json`: the optimizer state dict, its tensors (moments, step counts) in the
+  first, every other value (hyper-parameters, parameter ids, plain numbers) in the second;
 - `scheduler.json`, `trainer_state.json` (step, consumed batches, fingerprint) and `rng_rank{N}.json`
   (python, numpy, torch and CUDA generator states of each process);
 - `config.yaml`: the resolved recipe.
 It is written as `ckpt-000050.tmp/` and renamed when complete, so a kill during a save leaves the previous
 checkpoint untouched; stale `.tmp` folders are ignored and removed.
 
-Sharded set-ups (DeepSpeed, FSDP) store the optimizer through `accelerator.save_state` in
-`accelerate_state/` instead, which uses pickle: resume only from checkpoints you wrote yourself.
+Nothing in a checkpoint is pickled, so a checkpoint from anywhere can be read without running its code. The one
+exception is sharded set-ups (DeepSpeed, FSDP): they store the optimizer through `accelerator.save_state` in
+`accelerate_state/`, which pickles: resume those only from checkpoints you wrote yourself.
 """
 
 import json
@@ -26,7 +28,8 @@ from safetensors.torch import load_file, save_file
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
-OPTIMIZER_FILE = "optimizer.pt"
+OPTIMIZER_TENSORS_FILE = "optimizer.safetensors"
+OPTIMIZER_FILE = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 STATE_FILE = "trainer_state.json"
 SHARDED_STATE_DIR = "accelerate_state"
@@ -75,6 +78,41 @@ def check_fingerprint(saved: dict, current: dict, checkpoint: Path):
                 f"{checkpoint}: frozen weight {name} is not the one the checkpointed run started from "
                 "(different seed, base LLM or vision weights?)"
             )
+
+
+# -------------------------------------------------------------------------------------------- optimizer
+def save_optimizer_state(state: dict, folder: Path):
+    """Write `optimizer.state_dict()` as safetensors (every tensor, keyed `state.<param id>.<name>`) plus JSON
+    (the rest, with each tensor's place recorded)."""
+    tensors, per_param = {}, {}
+    for param_id, values in state["state"].items():
+        entry = per_param[str(param_id)] = {"tensors": [], "values": {}}
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"state.{param_id}.{name}"] = value.detach().cpu().contiguous()
+                entry["tensors"].append(name)
+            else:
+                entry["values"][name] = value
+    save_file(tensors, str(folder / OPTIMIZER_TENSORS_FILE))
+    (folder / OPTIMIZER_FILE).write_text(json.dumps({"state": per_param, "param_groups": state["param_groups"]}))
+
+
+def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
+    """The state dict written by `save_optimizer_state`, ready for `optimizer.load_state_dict`. JSON has no
+    tuples, so hyper-parameters that are tuples in `optimizer` (Adam's betas) become tuples again."""
+    tensors = load_file(str(folder / OPTIMIZER_TENSORS_FILE))
+    saved = json.loads((folder / OPTIMIZER_FILE).read_text())
+    state = {}
+    for param_id, entry in saved["state"].items():
+        values = dict(entry["values"])
+        values.update({name: tensors[f"state.{param_id}.{name}"] for name in entry["tensors"]})
+        state[int(param_id)] = values
+    groups = saved["param_groups"]
+    for group, live in zip(groups, optimizer.param_groups):
+        for key, value in group.items():
+            if isinstance(live.get(key), tuple):
+                group[key] = tuple(value)
+    return {"state": state, "param_groups": groups}
 
 
 # --------------------------------------------------------------------------------------------- RNG
@@ -158,7 +196,7 @@ def save_checkpoint(root, step: int, accelerator, model, optimizer, scheduler, t
     if accelerator.is_main_process:
         save_file(weights, str(tmp / TRAINABLE_FILE))
         if not _is_sharded(accelerator):
-            torch.save(optimizer.state_dict(), tmp / OPTIMIZER_FILE)
+            save_optimizer_state(optimizer.state_dict(), tmp)
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -187,7 +225,7 @@ def load_checkpoint(path, accelerator, model, optimizer, scheduler) -> dict:
     if _is_sharded(accelerator):
         accelerator.load_state(str(path / SHARDED_STATE_DIR))
     else:
-        optimizer.load_state_dict(torch.load(path / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+        optimizer.load_state_dict(load_optimizer_state(path, optimizer))
     scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
     rng_file = path / f"rng_rank{accelerator.process_index}.json"
     if not rng_file.is_file():
