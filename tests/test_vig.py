@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import vision_backbones.vig  # noqa: F401  (registers the models)
 from vision_backbones.ops.gla import gated_linear_attention_reference
-from vision_backbones.vig import ViG, checkpoint_filter_fn
+from vision_backbones.vig import ViG, ViGAttention, checkpoint_filter_fn
 
 TINY = dict(img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, num_classes=5, act_in_conv=True,
             out_act=True)
@@ -125,6 +125,27 @@ def test_pretrained_file_through_timm(tmp_path):
     images = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert relative_error(model(images), official_forward(sd, images)) < 1e-4
+
+
+def test_official_inference_scale_halves_the_scan_output_before_g_norm():
+    """The official inference path feeds g_norm (o_f + o_b) / 4, the training path (o_f + o_b) / 2. By hand:
+    RMSNorm(o / 2; eps) = o / sqrt(mean(o^2) / 4 + eps) * w = RMSNorm(o; 4 eps). Only eps tells them apart, so the
+    scan output is made small (v scaled down) for the difference to show."""
+    torch.manual_seed(0)
+    training = ViGAttention(dim=32, num_heads=2, norm_eps=1e-3)
+    with torch.no_grad():
+        training.qkv_proj.weight[-32:] *= 1e-2  # the value rows: a scan output of the order of sqrt(eps)
+    official = ViGAttention(dim=32, num_heads=2, norm_eps=1e-3, gla_output_scale=0.5)
+    official.load_state_dict(training.state_dict())
+    by_hand = ViGAttention(dim=32, num_heads=2, norm_eps=1e-3)
+    by_hand.load_state_dict(training.state_dict())
+    by_hand.g_norm.eps = 4e-3
+    x = torch.randn(2, 16, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(official(x, (4, 4)), by_hand(x, (4, 4)), rtol=1e-5, atol=1e-6)
+        assert (official(x, (4, 4)) - training(x, (4, 4))).abs().max() > 1e-3
+    model = timm.create_model("vig_tiny_patch16_224", gla_output_scale=0.5, **TINY)
+    assert all(block.attn.gla_output_scale == 0.5 for block in model.blocks)
 
 
 def test_pos_embed_resize_matches_runtime_resize():

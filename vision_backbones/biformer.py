@@ -20,12 +20,13 @@ Weights are not downloaded: load an official file with
 import torch
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import DropPath, use_fused_attn
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint_seq
 from torch import nn
 
-from ._common import ClassifierHeadMixin, init_linear_weights, unwrap_state_dict
+from ._common import (ClassifierHeadMixin, build_backbone, chosen_weights, init_linear_weights, load_official_weights,
+                      unwrap_state_dict)
 from .ops.routing_attention import BiLevelRoutingAttention, multi_head_attention
 
 
@@ -217,20 +218,20 @@ class BiFormer(ClassifierHeadMixin, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's hook for an official file from any source (`custom_load` in the pretrained configs): read it
+        without unpickling code, then load it as timm does, through `checkpoint_filter_fn`."""
+        load_official_weights(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:
     """Adapt an official BiFormer checkpoint: unwrap `{"model": ...}` / `{"state_dict": ...}`, drop a DDP
     `module.` prefix. The module layout is the official one, so keys are otherwise unchanged."""
-    return unwrap_state_dict(state_dict)
+    return unwrap_state_dict(state_dict, chosen_weights(model))
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    out_indices = kwargs.pop("out_indices", (0, 1, 2, 3))
-    return build_model_with_cfg(
-        BiFormer, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    return build_backbone(BiFormer, variant, pretrained, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

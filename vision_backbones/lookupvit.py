@@ -39,13 +39,14 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_INCEPTION_MEAN, IMAGENET_INCEPTION_STD
 from timm.layers import DropPath, Mlp, PatchEmbed, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from ._common import ClassifierHeadMixin, init_linear_weights, unwrap_state_dict
+from ._common import (ClassifierHeadMixin, build_backbone, chosen_weights, init_linear_weights, load_official_weights,
+                      unwrap_state_dict)
 
 GridSize = int | tuple[int, int]
 
@@ -264,10 +265,15 @@ class LookupViT(ClassifierHeadMixin, nn.Module):
     def forward(self, x: torch.Tensor, compressed_grid: GridSize | None = None) -> torch.Tensor:
         return self.forward_head(self.forward_features(x, compressed_grid))
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's hook for an official file from any source (`custom_load` in the pretrained configs): read it
+        without unpickling code, then load it as timm does, through `checkpoint_filter_fn`."""
+        load_official_weights(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: dict, model: LookupViT) -> dict:
     """Unwrap `{"model": ...}` / `{"state_dict": ...}` and resample `pos_embed` to the model's patch grid."""
-    state_dict = unwrap_state_dict(state_dict)
+    state_dict = unwrap_state_dict(state_dict, chosen_weights(model))
     pos_embed = state_dict.get("pos_embed")
     if pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
         old_side = int(round(pos_embed.shape[1] ** 0.5))
@@ -279,12 +285,7 @@ def checkpoint_filter_fn(state_dict: dict, model: LookupViT) -> dict:
 
 
 def _create_lookupvit(variant: str, pretrained: bool = False, **kwargs) -> LookupViT:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        LookupViT, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    return build_backbone(LookupViT, variant, pretrained, checkpoint_filter_fn, default_out_indices=3, **kwargs)
 
 
 def _cfg(**kwargs) -> dict:

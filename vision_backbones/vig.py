@@ -13,7 +13,9 @@ gates (a rank-16 projection split in two, ``logsigmoid / 16``).
 State-dict keys match the official checkpoints (``blocks.<i>.attn.{in_proj.0,qkv_proj,gk_proj.0,gk_proj.1,g_proj,
 g_norm,l_norm,o_proj}``, ``blocks.<i>.mlp.{gate_proj,down_proj}``, ``patch_embed.proj.{0,1,3,4}``...), so
 official ``.pth`` files load with
-``timm.create_model("vig_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path))``.
+``timm.create_model("vig_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path))``; add
+``gla_output_scale=0.5`` to compute as the official evaluation does (its fused kernel halves the scan output once
+more than the training path, which the following RMSNorm sees through its eps).
 """
 from __future__ import annotations
 
@@ -30,11 +32,11 @@ from timm.layers import (
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from ._common import ClassifierHeadMixin, unwrap_state_dict
+from ._common import ClassifierHeadMixin, build_backbone, chosen_weights, load_official_weights, unwrap_state_dict
 from .ops.elementwise import log_sigmoid
 from .ops.gla import bidirectional_gated_linear_attention
 
@@ -70,13 +72,18 @@ class ViGPatchEmbed(nn.Module):
 
 
 class ViGAttention(nn.Module):
-    """Bidirectional gated linear attention with 2-D locality (official ``GatedLinearAttention``, inference and
-    training paths are the same computation)."""
+    """Bidirectional gated linear attention with 2-D locality (official ``GatedLinearAttention``).
+
+    ``gla_output_scale`` multiplies the averaged scan output before ``g_norm``. The official training path averages
+    the two directions (1.0); its inference path averages them in the fused kernel and halves once more (0.5). The
+    RMSNorm cancels the factor up to its eps (``o / sqrt(mean(o**2) + 4 eps)`` instead of ``+ eps``): 0.5 reproduces
+    the official evaluation of official weights exactly, 1.0 is the training computation."""
 
     def __init__(self, dim: int, num_heads: int, expand_k: float = 0.5, gate_low_rank_dim: int = 16,
                  gate_logit_normalizer: float = 16.0, act_in_conv: bool = True, out_act: bool = False,
-                 norm_eps: float = 1e-6):
+                 norm_eps: float = 1e-6, gla_output_scale: float = 1.0):
         super().__init__()
+        self.gla_output_scale = gla_output_scale
         self.num_heads = num_heads
         self.key_dim = int(dim * expand_k)
         self.value_dim = dim  # expand_v = 1: the local branch (dim channels) is mixed per head with the output
@@ -116,7 +123,7 @@ class ViGAttention(nn.Module):
 
         o = bidirectional_gated_linear_attention(to_heads(q), to_heads(k), to_heads(v), to_heads(g_forward),
                                                  to_heads(g_backward))
-        o = self.g_norm(o.transpose(1, 2))  # (batch, L, heads, head_v_dim)
+        o = self.g_norm(o.transpose(1, 2) * self.gla_output_scale)  # (batch, L, heads, head_v_dim)
         gate = torch.sigmoid(self.g_proj(local)).view(batch, length, heads, self.head_v_dim)
         local = self.l_norm(local.view(batch, length, heads, self.head_v_dim))
         o = torch.lerp(local, o, gate)  # o * gate + local * (1 - gate)
@@ -155,7 +162,8 @@ class ViGBlock(nn.Module):
 
 class ViG(ClassifierHeadMixin, nn.Module):
     """Plain (isotropic) ViG. ``forward_features`` returns normalised patch tokens (batch, H*W, dim); the head
-    averages them (``global_pool="avg"``, or ``""`` for no pooling)."""
+    averages them (``global_pool="avg"``, or ``""`` for no pooling). ``gla_output_scale=0.5`` gives the official
+    inference computation (see :class:`ViGAttention`)."""
 
     def __init__(
             self,
@@ -172,6 +180,7 @@ class ViG(ClassifierHeadMixin, nn.Module):
             out_act: bool = False,
             act_in_patch: bool = False,
             norm_eps: float = 1e-6,
+            gla_output_scale: float = 1.0,
             drop_rate: float = 0.0,
             pos_drop_rate: float = 0.0,
             drop_path_rate: float = 0.0,
@@ -193,7 +202,7 @@ class ViG(ClassifierHeadMixin, nn.Module):
         rates = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
             ViGBlock(embed_dim, num_heads, drop_path=rates[i], norm_eps=norm_eps, expand_k=expand_k,
-                     act_in_conv=act_in_conv, out_act=out_act)
+                     act_in_conv=act_in_conv, out_act=out_act, gla_output_scale=gla_output_scale)
             for i in range(depth)])
         self.norm = RmsNorm(embed_dim, eps=norm_eps)
         self.head_drop = nn.Dropout(drop_rate)
@@ -295,12 +304,17 @@ class ViG(ClassifierHeadMixin, nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's hook for an official file from any source (`custom_load` in the pretrained configs): read it
+        without unpickling code, then load it as timm does, through `checkpoint_filter_fn`."""
+        load_official_weights(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ViG) -> Dict[str, torch.Tensor]:
     """Adapt an official ViG state dict: unwrap ``model`` if present (the official loader accepts both layouts),
     resize ``pos_embed`` to the model's grid, drop the classifier when the model has none."""
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in unwrap_state_dict(state_dict, chosen_weights(model)).items():
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             side = int(math.isqrt(value.shape[1]))
             if side * side != value.shape[1]:
@@ -314,12 +328,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: ViG) -> Dic
 
 
 def _create_vig(variant: str, pretrained: bool = False, **kwargs) -> ViG:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        ViG, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    return build_backbone(ViG, variant, pretrained, checkpoint_filter_fn, default_out_indices=3, **kwargs)
 
 
 def _cfg(**kwargs):

@@ -11,13 +11,12 @@ Structure, following the official ``vim/models_mamba.py`` with ``bimamba_type="v
 State-dict keys match the official checkpoints (``layers.<i>.mixer.{in_proj,conv1d,conv1d_b,x_proj,x_proj_b,
 dt_proj,dt_proj_b,A_log,A_b_log,D,D_b,out_proj}``, ``norm_f``...), so official ``.pth`` files load through
 :func:`checkpoint_filter_fn`, for example with
-``timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path))``.
+``timm.create_model("vim_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay=dict(file=path))``; that loads
+the file's ``model`` weights, as the official evaluation does, and the ``.in1k_ema`` tags its ``model_ema``.
 """
 from __future__ import annotations
 
-import argparse
 import math
-import pickle
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
@@ -30,15 +29,15 @@ from timm.layers import (
     resample_abs_pos_embed,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint
 
-from ._common import ClassifierHeadMixin, unwrap_state_dict
+from ._common import ClassifierHeadMixin, build_backbone, chosen_weights, load_official_weights, unwrap_state_dict
 from .ops.causal_conv1d import causal_conv1d
 from .ops.selective_scan import selective_scan
 
-__all__ = ["Vim", "BiMambaMixer", "VimBlock", "checkpoint_filter_fn", "load_official_checkpoint"]
+__all__ = ["Vim", "BiMambaMixer", "VimBlock", "checkpoint_filter_fn"]
 
 
 class VimPatchEmbed(nn.Module):
@@ -335,6 +334,11 @@ class Vim(ClassifierHeadMixin, nn.Module):
             self.reset_classifier(0, "")
         return take_indices
 
+    def load_pretrained(self, checkpoint_path: str) -> None:
+        """timm's hook for an official file from any source (`custom_load` in the pretrained configs): read it
+        without unpickling code, then load it as timm does, through `checkpoint_filter_fn`."""
+        load_official_weights(self, checkpoint_path, checkpoint_filter_fn)
+
 
 def resample_middle_token_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int, int],
                                     old_grid: Tuple[int, int]) -> torch.Tensor:
@@ -352,28 +356,11 @@ def resample_middle_token_pos_embed(pos_embed: torch.Tensor, new_grid: Tuple[int
     return torch.cat([patches[:, :new_middle], cls, patches[:, new_middle:]], dim=1)
 
 
-def load_official_checkpoint(path: str) -> Dict[str, torch.Tensor]:
-    """Load an official Vim ``.pth`` safely (``weights_only=True``) and return its model state dict.
-
-    Official files also pickle the training ``argparse.Namespace``; it is allow-listed. Anything else that is not a
-    tensor container is refused with instructions.
-    """
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            checkpoint_obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise pickle.UnpicklingError(
-            f"{path}: refusing to unpickle objects other than tensors and argparse.Namespace ({error}). If you "
-            "trust the file, convert it once with `sd = torch.load(path, weights_only=False)['model']; "
-            "torch.save(sd, 'vim_weights.pth')` and load the converted file.") from error
-    return unwrap_state_dict(checkpoint_obj)
-
-
 def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Vim) -> Dict[str, torch.Tensor]:
     """Adapt an official Vim state dict: unwrap ``model``, resample ``pos_embed`` around the middle class token,
     and drop the classifier when the model has none. Keys are otherwise identical."""
     out = {}
-    for key, value in unwrap_state_dict(state_dict).items():
+    for key, value in unwrap_state_dict(state_dict, chosen_weights(model)).items():
         if key == "pos_embed" and value.shape != model.pos_embed.shape:
             old_tokens = value.shape[1] - 1
             side = int(math.isqrt(old_tokens))
@@ -387,12 +374,7 @@ def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: Vim) -> Dic
 
 
 def _create_vim(variant: str, pretrained: bool = False, **kwargs) -> Vim:
-    out_indices = kwargs.pop("out_indices", 3)
-    return build_model_with_cfg(
-        Vim, variant, pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls="getter"),
-        **kwargs)
+    return build_backbone(Vim, variant, pretrained, checkpoint_filter_fn, default_out_indices=3, **kwargs)
 
 
 def _cfg(**kwargs):
@@ -403,16 +385,19 @@ def _cfg(**kwargs):
     }
 
 
-default_cfgs = generate_default_cfgs({
-    "vim_tiny_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok",
-                                      hf_hub_filename="vim_t_midclstok_76p1acc.pth"),
-    "vim_small_patch16_224.in1k": _cfg(hf_hub_id="hustvl/Vim-small-midclstok",
-                                       hf_hub_filename="vim_s_midclstok_80p5acc.pth"),
+_official_files = {
+    "vim_tiny_patch16_224.in1k": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_76p1acc.pth"),
+    "vim_small_patch16_224.in1k": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_80p5acc.pth"),
     # "+" fine-tunes: overlapping patches (stride 8, 27x27 grid at 224).
-    "vim_tiny_patch16_stride8_224.in1k_ft": _cfg(hf_hub_id="hustvl/Vim-tiny-midclstok",
-                                                 hf_hub_filename="vim_t_midclstok_ft_78p3acc.pth"),
-    "vim_small_patch16_stride8_224.in1k_ft": _cfg(hf_hub_id="hustvl/Vim-small-midclstok",
-                                                  hf_hub_filename="vim_s_midclstok_ft_81p6acc.pth"),
+    "vim_tiny_patch16_stride8_224.in1k_ft": ("hustvl/Vim-tiny-midclstok", "vim_t_midclstok_ft_78p3acc.pth"),
+    "vim_small_patch16_stride8_224.in1k_ft": ("hustvl/Vim-small-midclstok", "vim_s_midclstok_ft_81p6acc.pth"),
+}
+# Vim's training script saves `model` and `model_ema` in every checkpoint: the plain tag loads `model` (what the
+# official evaluation loads), the `_ema` twin the moving average.
+default_cfgs = generate_default_cfgs({
+    **{name: _cfg(hf_hub_id=hub_id, hf_hub_filename=filename) for name, (hub_id, filename) in _official_files.items()},
+    **{f"{name}_ema": _cfg(hf_hub_id=hub_id, hf_hub_filename=filename)
+       for name, (hub_id, filename) in _official_files.items()},
     # The base checkpoint's file name in hustvl/Vim-base-midclstok is not recorded here: load it with
     # pretrained_cfg_overlay=dict(file=...).
     "vim_base_patch16_224.in1k": _cfg(),
