@@ -68,7 +68,7 @@ import numpy as np
 
 from data.jsonl import DataFormatError, read_json, read_json_records
 
-from .stats import bootstrap_intervals, paired_intervals, ratio
+from .stats import bootstrap_intervals, paired_changes, ratio
 
 _INFLECT = inflect.engine()
 
@@ -320,14 +320,15 @@ def chair_from_counts(sums: np.ndarray) -> dict[str, np.ndarray]:
             "recall": ratio(recalled, truth), "avg_len": ratio(words, captions)}
 
 
-def paired_chair_intervals(base: Mapping, other: Mapping) -> dict[str, list[float]]:
-    """95% intervals of `other - base` for each CHAIR metric, over the images both `evaluate_chair` results
-    captioned (their `per_caption` details)."""
+def paired_chair_changes(base: Mapping, other: Mapping) -> dict:
+    """Each CHAIR metric's change from `base` to `other` (`evaluate_chair` results, with their `per_caption`
+    details) over the images both captioned, with its paired 95% interval; `n_paired` counts those images."""
     first, second = ({str(entry["image_id"]): entry["counts"] for entry in result["per_caption"]}
                      for result in (base, other))
     shared = [key for key in first if key in second]
-    return paired_intervals(np.array([first[k] for k in shared]), np.array([second[k] for k in shared]),
-                            chair_from_counts)
+    changes = paired_changes(np.array([first[k] for k in shared]), np.array([second[k] for k in shared]),
+                             chair_from_counts)
+    return {**changes, "n_paired": len(shared)}
 
 
 def evaluate_chair(

@@ -317,6 +317,7 @@ def eval_command(args) -> int:
             raise ValueError(f"--model and --{'answers' if args.task == 'pope' else 'captions'} exclude each other: "
                              "the outputs are scored as they are")
         result, images = args.rescore(args)
+        _compare_with_baseline(args, result)
         model_name = f"outputs: {', '.join(str(path) for path in (outputs if isinstance(outputs, list) else [outputs]))}"
         summary = write_report(args.out, args.task, result, model_name, {}, images, name=args.report_name(args))
         return _print_summary(args, summary)
@@ -328,9 +329,26 @@ def eval_command(args) -> int:
     torch.manual_seed(args.seed)
     model_name = str(args.model.resolve())
     result, images = args.run(args, model, processor, generation_kwargs, model_name)
+    _compare_with_baseline(args, result)
     summary = write_report(args.out, args.task, result, model_name, generation_kwargs, images,
                            name=args.report_name(args))
     return _print_summary(args, summary)
+
+
+def _compare_with_baseline(args, result: dict) -> None:
+    """With `--baseline`: each metric's paired change from that earlier run (`versus_baseline` in the result)."""
+    from .report import changes_from_baseline
+
+    if getattr(args, "baseline", None) is None:
+        return
+    name = args.report_name(args)
+    path = args.baseline / f"{name}_details.json" if args.baseline.is_dir() else args.baseline
+    if not path.is_file():
+        found = sorted(p.name for p in args.baseline.glob("*_details.json")) if args.baseline.is_dir() else []
+        raise FileNotFoundError(f"--baseline: {path} not found (the folder holds {found or 'no details file'}): give "
+                                f"the --out folder or the {name}_details.json of an earlier vlm eval {args.task}")
+    baseline = json.loads(path.read_text(encoding="utf-8"))
+    result["versus_baseline"] = {"baseline": str(path), "changes": changes_from_baseline(args.task, baseline, result)}
 
 
 def _print_summary(args, summary: dict) -> int:
@@ -359,6 +377,13 @@ def _task_parser(tasks, name: str, help_text: str, max_new_tokens: int, run, rep
     return parser
 
 
+def _add_baseline_argument(parser):
+    parser.add_argument("--baseline", type=Path, default=None,
+                        help="an earlier run of this evaluation (its --out folder or details JSON), e.g. plain "
+                             "decoding: each metric's change from it, with a 95%% interval paired over the same "
+                             "inputs, marked within_noise when the interval holds 0")
+
+
 def _register_pope(tasks):
     from .pope import CONVENTIONS
 
@@ -373,6 +398,7 @@ def _register_pope(tasks):
     parser.add_argument("--answers", nargs="+", type=Path, default=None,
                         help="score answers another codebase wrote instead of a model's: one JSON (Lines) file per "
                              "split, in the order of --pope-files (LLaVA's text, VLMEvalKit's prediction, ...)")
+    _add_baseline_argument(parser)
     parser.set_defaults(rescore=_pope_rescore)
 
 
@@ -392,6 +418,7 @@ def _register_chair(tasks):
     parser.add_argument("--captions", type=Path, default=None,
                         help="score captions another codebase wrote instead of a model's: JSON (Lines) records "
                              "with image_id and caption (or text, answer, prediction)")
+    _add_baseline_argument(parser)
     parser.set_defaults(rescore=_chair_rescore)
 
 

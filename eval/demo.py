@@ -258,16 +258,15 @@ MITIGATION_COLUMNS = ["mitigation", "adv. POPE acc", "Δ acc [95% CI]", "F1", "y
                       "time/token"]
 
 
-def _paired(interval: list[float], difference: float) -> str:
-    """A difference in points with its paired 95% interval, marked when the interval holds 0 (within noise)."""
-    low, high = (100 * value for value in interval)
-    noise = " (noise)" if low <= 0 <= high else ""
-    return f"{100 * difference:+.1f} [{low:+.1f}, {high:+.1f}]{noise}"
+def _paired(change: dict) -> str:
+    """A change in points with its paired 95% interval, marked when the interval holds 0 (within noise)."""
+    low, high = (100 * value for value in change["ci95"])
+    return f"{100 * change['change']:+.1f} [{low:+.1f}, {high:+.1f}]" + (" (noise)" if change["within_noise"] else "")
 
 
 def _mitigation_rows(results: dict) -> list[list[str]]:
-    from .chair import paired_chair_intervals
-    from .pope import paired_pope_intervals
+    from .chair import paired_chair_changes
+    from .pope import paired_pope_changes
 
     plain_speed = results["speed"]["plain"]
     runs = {"none": {"pope_adversarial": results["pope"]["splits"]["adversarial"], "chair": results["chair"]},
@@ -282,10 +281,8 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
         plain_pope, plain_chair = runs["none"]["pope_adversarial"], runs["none"]["chair"]
         accuracy_change = chair_i_change = ""
         if name != "none":  # paired over the same questions and images as plain decoding
-            accuracy_change = _paired(paired_pope_intervals(plain_pope, pope)["accuracy"],
-                                      pope["accuracy"] - plain_pope["accuracy"])
-            chair_i_change = _paired(paired_chair_intervals(plain_chair, chair)["chair_i"],
-                                     chair["chair_i"] - plain_chair["chair_i"])
+            accuracy_change = _paired(paired_pope_changes(plain_pope, pope)["accuracy"])
+            chair_i_change = _paired(paired_chair_changes(plain_chair, chair)["chair_i"])
         rows.append([name, _pct(pope["accuracy"]), accuracy_change, _pct(pope["f1"]), _pct(pope["yes_ratio"]),
                      str(pope["fp"]), _claimed(pope["cooccurrence_probes"]), _pct(chair["chair_s"]),
                      _pct(chair["chair_i"]), chair_i_change, _pct(chair["recall"]),

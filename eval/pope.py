@@ -34,7 +34,7 @@ import numpy as np
 
 from data.jsonl import DataFormatError, read_jsonl
 
-from .stats import bootstrap_intervals, paired_intervals, ratio
+from .stats import bootstrap_intervals, paired_changes, ratio
 
 YES, NO = "yes", "no"
 
@@ -166,11 +166,12 @@ def evaluate_pope(
             "per_question": {q["question_id"]: COUNTS[outcome] for q, outcome in zip(questions, outcomes)}}
 
 
-def paired_pope_intervals(base: Mapping, other: Mapping) -> dict[str, list[float]]:
-    """95% intervals of `other - base` for each metric, over the questions both `evaluate_pope` results scored."""
+def paired_pope_changes(base: Mapping, other: Mapping) -> dict:
+    """Each metric's change from `base` to `other` (`evaluate_pope` results) over the questions both scored, with
+    its paired 95% interval (`eval.stats.paired_changes`); `n_paired` counts those questions."""
     shared = [key for key in base["per_question"] if key in other["per_question"]]
     rows = [np.eye(len(COUNTS))[[COUNTS.index(result["per_question"][key]) for key in shared]] for result in (base, other)]
-    return paired_intervals(rows[0], rows[1], metrics_from_counts)
+    return {**paired_changes(rows[0], rows[1], metrics_from_counts), "n_paired": len(shared)}
 
 
 def average_over_splits(per_split: Mapping[str, Mapping]) -> dict:

@@ -11,20 +11,63 @@ import json
 from pathlib import Path
 
 from . import plots
+from .chair import paired_chair_changes
+from .pope import paired_pope_changes
 from .runner import normalise_settings
 
 DETAIL_FIELDS = ("per_caption", "per_image", "per_question")
 CHAIR_HEADLINE = ("chair_s", "chair_i", "recall", "avg_len", "n_captions", "ci95")
 POPE_HEADLINE = ("accuracy", "precision", "recall", "f1", "yes_ratio", "n")
 NUM_EXAMPLES = 6
+# The metrics whose change from a baseline run the headline shows (the summary holds every metric's).
+CHANGE_HEADLINE = {"pope": ("accuracy", "f1", "yes_ratio"), "chair": ("chair_s", "chair_i", "recall")}
 
 
 def _without_details(result: dict) -> dict:
     return {key: value for key, value in result.items() if key not in DETAIL_FIELDS}
 
 
+def changes_from_baseline(task: str, baseline: dict, result: dict) -> dict:
+    """Each metric's change from `baseline` (an earlier run's details) to `result`, with its 95% interval paired over
+    the questions (POPE, per split both runs hold) or images (CHAIR) both scored, and `within_noise`."""
+    result = normalise_settings(result)  # question ids as the baseline's JSON spells them
+    if task == "pope":
+        shared = [name for name in result["splits"] if name in baseline.get("splits", {})]
+        if not shared:
+            raise ValueError(f"--baseline: no POPE split in common (baseline {sorted(baseline.get('splits', {}))}, "
+                             f"this run {sorted(result['splits'])})")
+        changes = {name: paired_pope_changes(baseline["splits"][name], result["splits"][name]) for name in shared}
+        paired = sum(split["n_paired"] for split in changes.values())
+    else:
+        changes = paired_chair_changes(baseline, result)
+        paired = changes["n_paired"]
+    if not paired:
+        raise ValueError(f"--baseline: the baseline and this run scored no {'question' if task == 'pope' else 'image'} "
+                         "in common")
+    return changes
+
+
+def _rounded_change(change: dict) -> dict:
+    return {"change": round(change["change"], 4), "ci95": [round(value, 4) for value in change["ci95"]],
+            "within_noise": change["within_noise"]}
+
+
+def _changes_headline(task: str, changes: dict) -> dict:
+    if task == "pope":
+        return {name: {**{key: _rounded_change(split[key]) for key in CHANGE_HEADLINE[task]}, "n": split["n_paired"]}
+                for name, split in changes.items()}
+    return {**{key: _rounded_change(changes[key]) for key in CHANGE_HEADLINE[task]}, "n": changes["n_paired"]}
+
+
 def headline(task: str, result: dict) -> dict:
-    """The few numbers to print and compare for a task."""
+    """The few numbers to print and compare for a task (with their change from a baseline run, if one was given)."""
+    table = _metrics_headline(task, result)
+    if "versus_baseline" in result:
+        table["versus_baseline"] = _changes_headline(task, result["versus_baseline"]["changes"])
+    return table
+
+
+def _metrics_headline(task: str, result: dict) -> dict:
     if task == "pope":
         rows = {**result["splits"], "average": result["average"]}
         table = {name: {key: round(row[key], 4) for key in POPE_HEADLINE if key in row} for name, row in rows.items()}

@@ -3,7 +3,8 @@
 A metric over items (POPE questions, CHAIR captions) is a function of per-item counts summed over the items.
 `bootstrap_intervals` resamples the items with replacement (multinomial weights, seeded) and reports the
 2.5th and 97.5th percentiles of each metric; `paired_intervals` applies the same resamples to two runs over
-the same items (plain decoding and a mitigation) and reports the interval of their difference.
+the same items (plain decoding and a mitigation) and reports the interval of their difference, and
+`paired_changes` the difference itself beside it, marked as within noise when the interval holds 0.
 """
 
 from collections.abc import Callable
@@ -40,6 +41,16 @@ def paired_intervals(base: np.ndarray, other: np.ndarray, metrics: Callable[[np.
     weights = _weights(len(base), samples, seed)
     first, second = metrics(weights @ base), metrics(weights @ other)
     return _percentiles({name: second[name] - first[name] for name in first}, level)
+
+
+def paired_changes(base: np.ndarray, other: np.ndarray, metrics: Callable[[np.ndarray], dict[str, np.ndarray]],
+                   ) -> dict[str, dict]:
+    """`{name: {"change", "ci95", "within_noise"}}`: each metric's `metric(other) - metric(base)` over the same
+    items, its paired 95% interval, and whether that interval holds 0."""
+    intervals = paired_intervals(base, other, metrics)
+    first, second = (metrics(np.asarray(rows, dtype=np.float64).sum(0, keepdims=True)) for rows in (base, other))
+    return {name: {"change": float(second[name][0] - first[name][0]), "ci95": low_high,
+                   "within_noise": low_high[0] <= 0 <= low_high[1]} for name, low_high in intervals.items()}
 
 
 def ratio(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -187,14 +187,15 @@ def test_bootstrap_intervals_match_the_normal_approximation():
 
 
 def test_paired_interval_of_a_real_gain_excludes_zero():
-    from eval.pope import evaluate_pope, paired_pope_intervals
+    from eval.pope import evaluate_pope, paired_pope_changes
 
     questions = [{"question_id": i, "label": "yes" if i % 2 else "no"} for i in range(400)]
     plain = {q["question_id"]: "yes" for q in questions}  # half right
     better = {i: ("yes" if i % 2 or i % 10 == 0 else "no") for i in plain}  # 160 of the 200 "no" now right
     base, other = evaluate_pope(questions, plain), evaluate_pope(questions, better)
-    low, high = paired_pope_intervals(base, other)["accuracy"]
-    assert other["accuracy"] - base["accuracy"] == pytest.approx(0.4)
-    assert 0 < low < 0.4 < high
-    low, high = paired_pope_intervals(base, evaluate_pope(questions, dict(plain)))["accuracy"]
-    assert low == high == 0.0
+    accuracy = paired_pope_changes(base, other)["accuracy"]
+    low, high = accuracy["ci95"]
+    assert accuracy["change"] == pytest.approx(0.4) == other["accuracy"] - base["accuracy"]
+    assert 0 < low < 0.4 < high and not accuracy["within_noise"]
+    same = paired_pope_changes(base, evaluate_pope(questions, dict(plain)))
+    assert same["accuracy"] == {"change": 0.0, "ci95": [0.0, 0.0], "within_noise": True} and same["n_paired"] == 400

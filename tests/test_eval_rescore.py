@@ -85,3 +85,62 @@ def test_model_and_outputs_exclude_each_other(tmp_path, capsys):
     assert main(["eval", "pope", "--pope-files", str(tmp_path / "coco_pope_random.json"), "--answers",
                  str(tmp_path / "b.jsonl"), "--out", str(tmp_path)]) == 2
     assert "b.jsonl: record 1 needs 'question_id' and an answer text" in capsys.readouterr().err
+
+
+def pope_answers(questions, path, right_every: int):
+    """Plain yes/no answers: the label for every `right_every`-th question, always "yes" otherwise."""
+    with open(path, "w") as handle:
+        for index, question in enumerate(questions):
+            text = question["label"] if index % right_every == 0 else "yes"
+            handle.write(json.dumps({"question_id": question["question_id"], "text": text}) + "\n")
+    return path
+
+
+def test_pope_change_from_a_baseline_run_with_paired_intervals(shared_data, tmp_path, capsys):
+    """Always "yes" (the baseline) against answers right on every third question too: accuracy rises by the share
+    of "no" questions among those, outside noise; the baseline against itself changes nothing, within noise."""
+    files = [shared_data / "pope" / f"coco_pope_{split}.json" for split in SPLITS]
+    questions = {split: read_pope_file(path)[:200] for split, path in zip(SPLITS, files)}
+    plain = [pope_answers(questions[split], tmp_path / f"plain_{split}.jsonl", 10 ** 9) for split in SPLITS]
+    better = [pope_answers(questions[split], tmp_path / f"better_{split}.jsonl", 3) for split in SPLITS]
+    common = ["eval", "pope", "--pope-files", *map(str, files), "--limit", "200"]
+    assert main([*common, "--answers", *map(str, plain), "--out", str(tmp_path / "plain")]) == 0
+    capsys.readouterr()
+    assert main([*common, "--answers", *map(str, better), "--out", str(tmp_path / "better"),
+                 "--baseline", str(tmp_path / "plain")]) == 0
+    changes = json.loads(capsys.readouterr().out)["versus_baseline"]
+    for split in SPLITS:
+        labels = [q["label"] for q in questions[split]]
+        gained = sum(1 for index, label in enumerate(labels) if index % 3 == 0 and label == "no")  # by hand
+        accuracy = changes[split]["accuracy"]
+        assert accuracy["change"] == round(gained / 200, 4) and changes[split]["n"] == 200
+        assert accuracy["ci95"][0] > 0 and not accuracy["within_noise"]
+        assert changes[split]["yes_ratio"]["change"] == round(-gained / 200, 4)
+    assert main([*common, "--answers", *map(str, plain), "--out", str(tmp_path / "again"),
+                 "--baseline", str(tmp_path / "plain" / "pope_details.json")]) == 0
+    same = json.loads(capsys.readouterr().out)["versus_baseline"]["random"]["accuracy"]
+    assert same == {"change": 0.0, "ci95": [0.0, 0.0], "within_noise": True}
+    summary = json.loads((tmp_path / "again" / "pope_summary.json").read_text())
+    assert summary["result"]["versus_baseline"]["baseline"].endswith("pope_details.json")
+    assert main([*common, "--answers", *map(str, plain), "--out", str(tmp_path / "x"),
+                 "--baseline", str(tmp_path)]) == 2
+    assert "--baseline:" in capsys.readouterr().err
+
+
+def test_chair_change_from_a_baseline_run(shared_data, tmp_path, capsys):
+    """OPERA's LLaVA-1.5 captions against its greedy ones (the published logs): the change in CHAIR is the
+    difference of the two runs' values, and its paired interval holds it."""
+    chair = shared_data / "chair"
+    common = ["eval", "chair", "--ground-truth", str(chair / "coco2014_chair_gt_objects.json.gz"),
+              "--synonyms", str(chair / "chair_synonyms.json")]
+    assert main([*common, "--captions", str(chair / "opera_llava15" / "greedy.jsonl"), "--out",
+                 str(tmp_path / "greedy")]) == 0
+    greedy = json.loads(capsys.readouterr().out)
+    assert main([*common, "--captions", str(chair / "opera_llava15" / "ours.jsonl"), "--out", str(tmp_path / "opera"),
+                 "--baseline", str(tmp_path / "greedy")]) == 0
+    opera = json.loads(capsys.readouterr().out)
+    change = opera["versus_baseline"]["chair_s"]
+    assert change["change"] == pytest.approx(opera["chair_s"] - greedy["chair_s"], abs=1e-4)
+    assert change["ci95"][0] <= change["change"] <= change["ci95"][1]
+    assert change["within_noise"] == (change["ci95"][0] <= 0 <= change["ci95"][1])
+    assert opera["versus_baseline"]["n"] == 500
