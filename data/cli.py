@@ -45,7 +45,8 @@ def run_scenes(args) -> int:
     print(f"wrote {args.images} scenes ({config.image_size}px) to {args.out} in {seconds:.1f} s "
           f"({args.images / max(seconds, 1e-9):.0f} images/s)")
     for split, path in paths["instances"].items():
-        print(f"  {split}: {path.name}, captions_{split}.json, conversations_{split}.json, pope_{split}_*.json")
+        pope = ", ".join(file.name for file in paths["pope"][split].values())
+        print(f"  {split}: {path.name}, {paths['captions'][split].name}, {paths['conversations'][split].name}, {pope}")
     return 0
 
 

@@ -12,11 +12,11 @@ import random
 
 from torch.utils.data import Dataset
 
+from vlm.prompts import SHORT_CAPTION_PROMPT
+
 from .images import DEFAULT_MAX_PIXELS, check_images_exist, load_image, resolve_image_path
 from .jsonl import DataFormatError, read_json, require
 from .messages import single_turn
-
-DEFAULT_CAPTION_PROMPT = "Describe the image."
 
 
 def _coco_captions(data: dict, path) -> list[dict]:
@@ -64,7 +64,7 @@ class CocoCaptionsDataset(Dataset):
         skip_missing: skip (and count in `num_skipped`, with a warning) images missing on disk instead of raising.
     """
 
-    def __init__(self, captions_json, image_root, split=None, prompt: str = DEFAULT_CAPTION_PROMPT,
+    def __init__(self, captions_json, image_root, split=None, prompt: str = SHORT_CAPTION_PROMPT,
                  random_caption: bool = False, skip_missing: bool = False,
                  max_pixels: int | None = DEFAULT_MAX_PIXELS):
         data = read_json(captions_json)

@@ -7,9 +7,10 @@ marker gets them in front of its first human turn, as LLaVA's own loader does.
 
 from torch.utils.data import Dataset
 
+from vlm.processing import IMAGE_MARKER
+
 from .images import DEFAULT_MAX_PIXELS, check_images_exist, load_image, resolve_image_path
 from .jsonl import DataFormatError, read_json_records, require
-from .messages import IMAGE_MARKER
 
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

@@ -1,6 +1,6 @@
 """Building the contract's message lists (see `data/__init__.py`): one user turn with its `<image>` marker."""
 
-IMAGE_MARKER = "<image>"
+from vlm.processing import IMAGE_MARKER
 
 
 def single_turn(prompt: str, answer: str | None = None, num_images: int = 1) -> list[dict]:

@@ -6,6 +6,9 @@ mentions only objects that are present, so CHAIR finds no hallucination in the r
 
 from collections import Counter
 
+from vlm.processing import IMAGE_MARKER
+from vlm.prompts import DETAIL_PROMPT
+
 from .shapes import CATEGORIES, NUMBER_WORDS, article
 
 BACKGROUND_WORDS = {"solid": "plain", "gradient": "shaded", "noise": "grainy"}
@@ -114,7 +117,7 @@ def captions(scene, count: int, rng) -> list[str]:
 
 
 def detailed_description(scene) -> str:
-    """The long answer to 'Describe the image in detail.'."""
+    """The long answer to `DETAIL_PROMPT`."""
     background = f"The background is {BACKGROUND_WORDS[scene.background]}."
     return " ".join([_counting_sentence(scene), _positions_sentence(scene), _relation_sentence(scene), background])
 
@@ -161,9 +164,9 @@ def llava_records(scene, file_name: str, categories, rng) -> list[dict]:
     """Two LLaVA conversation records for a scene: a multi-turn question/answer one and a detailed description."""
     turns = []
     for index, (question, answer) in enumerate(question_answers(scene, categories, rng)):
-        turns.append({"from": "human", "value": ("<image>\n" if index == 0 else "") + question})
+        turns.append({"from": "human", "value": (f"{IMAGE_MARKER}\n" if index == 0 else "") + question})
         turns.append({"from": "gpt", "value": answer})
-    detail = [{"from": "human", "value": "<image>\nDescribe the image in detail."},
+    detail = [{"from": "human", "value": f"{IMAGE_MARKER}\n{DETAIL_PROMPT}"},
               {"from": "gpt", "value": detailed_description(scene)}]
     stem = f"{scene.image_id:012d}"
     return [{"id": f"{stem}_qa", "image": file_name, "conversations": turns},

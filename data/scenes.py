@@ -13,19 +13,18 @@ same annotations without pixels.
 
 import json
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
-import yaml
 from PIL import Image, ImageDraw
-
-from vlm.cli import did_you_mean
 
 from .jsonl import write_json, write_jsonl
 from .pope import POPE_STRATEGIES, generate_pope
+from .scene_folder import ScenesFolder, scene_image_name
 from .scene_text import captions, llava_records
 from .shapes import CATEGORIES, COLOURS, chair_vocabulary
+from .typed_yaml import load_dataclass
 
 SIZE_RADIUS = {"small": 0.11, "large": 0.18}  # shape radius as a fraction of the image side
 BACKGROUND_RANGE = (78, 202)  # background channels stay here; every object colour has a channel outside it
@@ -183,23 +182,8 @@ class SceneConfig:
 
     @classmethod
     def from_file(cls, path) -> "SceneConfig":
-        """Load from YAML or JSON; unknown keys are refused with the file name."""
-        path = Path(path)
-        try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ValueError(f"{path}: invalid YAML/JSON: {error}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a mapping of SceneConfig fields")
-        known = [f.name for f in fields(cls)]
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"{path}: unknown SceneConfig field(s) {unknown} ({did_you_mean(unknown[0], known)}"
-                             f"known: {', '.join(known)})")
-        try:
-            return cls(**values)
-        except (TypeError, ValueError) as error:
-            raise ValueError(f"{path}: {error}") from None
+        """Load from YAML or JSON; unknown keys and ill-typed values are refused with the file name."""
+        return load_dataclass(cls, path)
 
 
 @dataclass
@@ -391,32 +375,28 @@ def generate_scenes(out_dir, num_images: int, seed: int = 0, config: SceneConfig
                     render: bool = True) -> dict:
     """Generate a synthetic dataset in `out_dir`; returns the paths of what was written.
 
-    Layout: `images/{split}/{id:012d}.png`, and per split `instances_{split}.json` (COCO instances, with
-    each object's colour and size as extra fields), `captions_{split}.json` (COCO captions),
-    `conversations_{split}.json` (LLaVA), `pope_{split}_{random,popular,adversarial}.json` (POPE JSON
-    lines); once: `chair_vocab.json` and `scene_config.json`. With `render=False` no image is drawn (the
-    annotations are the same).
-    """
+    The layout is `data.scene_folder.ScenesFolder`'s; the COCO instances carry each object's colour and size as
+    extra fields. With `render=False` no image is drawn (the annotations are the same)."""
     config = config or SceneConfig()
     empty = _empty_splits(num_images, config.splits)
     if empty:
         enough = next(n for n in range(1, 1_000_000) if not _empty_splits(n, config.splits))
         raise ValueError(f"{num_images} images leave the {', '.join(empty)} split(s) empty (split fractions "
                          f"{config.splits}): give at least {enough} images")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    folder = ScenesFolder(out_dir)
+    folder.root.mkdir(parents=True, exist_ok=True)
     categories_json = [{"id": CATEGORIES[name].id, "name": name, "supercategory": CATEGORIES[name].supercategory}
                        for name in config.categories]
     info = {"description": "vlm-suite synthetic scenes", "seed": seed, "version": "1.0"}
     paths = {"images": {}, "instances": {}, "captions": {}, "conversations": {}, "pope": {}}
     for split, ids in _split_ranges(num_images, config.splits).items():
-        image_dir = out_dir / "images" / split
+        image_dir = folder.images(split)
         if render:
             image_dir.mkdir(parents=True, exist_ok=True)
         images, annotations, caption_records, conversations = [], [], [], []
         for image_id in ids:
             scene = make_scene(image_id, seed, config, split)
-            file_name = f"{image_id:012d}.{config.image_format}"
+            file_name = scene_image_name(image_id, config.image_format)
             if render:
                 render_scene(scene, np.random.default_rng([seed, image_id, RENDER])).save(image_dir / file_name, **(
                     {"compress_level": 6} if config.image_format == "png" else {"quality": 95}))
@@ -432,9 +412,9 @@ def generate_scenes(out_dir, num_images: int, seed: int = 0, config: SceneConfig
         instances = {"info": info, "licenses": [], "images": images, "annotations": annotations,
                      "categories": categories_json}
         paths["images"][split] = image_dir
-        paths["instances"][split] = out_dir / f"instances_{split}.json"
-        paths["captions"][split] = out_dir / f"captions_{split}.json"
-        paths["conversations"][split] = out_dir / f"conversations_{split}.json"
+        paths["instances"][split] = folder.instances(split)
+        paths["captions"][split] = folder.captions(split)
+        paths["conversations"][split] = folder.conversations(split)
         write_json(paths["instances"][split], instances)
         write_json(paths["captions"][split], {"info": info, "licenses": [], "images": images,
                                               "annotations": caption_records})
@@ -443,10 +423,10 @@ def generate_scenes(out_dir, num_images: int, seed: int = 0, config: SceneConfig
         for strategy in POPE_STRATEGIES:
             questions = generate_pope(instances, strategy, num_images=config.pope_images,
                                       num_per_image=config.pope_per_image, seed=seed, vocabulary=config.categories)
-            paths["pope"][split][strategy] = out_dir / f"pope_{split}_{strategy}.json"
+            paths["pope"][split][strategy] = folder.pope(split, strategy)
             write_jsonl(paths["pope"][split][strategy], questions)
-    paths["chair_vocab"] = out_dir / "chair_vocab.json"
-    (paths["chair_vocab"]).write_text(json.dumps(chair_vocabulary(config.categories), indent=1))
-    paths["config"] = out_dir / "scene_config.json"
+    paths["chair_vocab"] = folder.chair_vocabulary
+    paths["chair_vocab"].write_text(json.dumps(chair_vocabulary(config.categories), indent=1))
+    paths["config"] = folder.config_file
     paths["config"].write_text(json.dumps(asdict(config), indent=1))
     return paths

@@ -16,10 +16,10 @@ import torch
 
 from data.images import DEFAULT_MAX_PIXELS
 from vlm.cli import positive_int
+from vlm.processing import IMAGE_MARKER
+from vlm.prompts import CHAIR_PROMPT, COCO_CAPTION_PROMPT, SHORT_CAPTION_PROMPT, VQA_PROMPT_SUFFIX
 
 from .inference import Request, collect_image_paths, generate_answers, load_model
-
-CAPTION_PROMPT = "Describe the image."
 
 
 def add_model_arguments(parser, required: bool = True):
@@ -203,7 +203,7 @@ def _pope_eval(args, model, processor, generation_kwargs, model_name):
 
 def _chair_eval(args, model, processor, generation_kwargs, model_name):
     from .sources import coco_chair, scenes_chair
-    from .tasks import CHAIR_PROMPT, run_chair
+    from .tasks import run_chair
 
     if args.scenes:
         images, ground_truth, vocabulary = scenes_chair(args.scenes, args.split)
@@ -222,7 +222,7 @@ def _chair_eval(args, model, processor, generation_kwargs, model_name):
 def _captions_eval(args, model, processor, generation_kwargs, model_name):
     from .chair import load_image_ids
     from .sources import caption_set, scenes_captions
-    from .tasks import CAPTION_PROMPT as COCO_PROMPT, run_captions
+    from .tasks import run_captions
 
     if args.scenes:
         images, references = scenes_captions(args.scenes, args.split)
@@ -232,15 +232,16 @@ def _captions_eval(args, model, processor, generation_kwargs, model_name):
         images, references = caption_set(args.references, args.image_root, args.karpathy_split, image_ids)
     images = _limited(images, args.limit)
     spice = {"auto": None, "on": True, "off": False}[args.spice]
+    prompt = _prompt(args, processor, "prompt", "captions", COCO_CAPTION_PROMPT)
     result = run_captions(model, processor, images, references, args.out / "captions.answers.jsonl",
-                          args.out / "captions_results.json", _prompt(args, processor, "prompt", "captions", COCO_PROMPT),
+                          args.out / "captions_results.json", prompt,
                           generation_kwargs=generation_kwargs, spice=spice, **_run_options(args, model_name))
     return result, dict(images)
 
 
 def _vqa_eval(args, model, processor, generation_kwargs, model_name):
     from .sources import conversation_questions, easyvqa_questions, scenes_vqa
-    from .tasks import VQA_PROMPT_SUFFIX, run_vqa
+    from .tasks import run_vqa
 
     if args.scenes:
         questions = scenes_vqa(args.scenes, args.split)
@@ -404,7 +405,6 @@ def _register_pope(tasks):
 
 def _register_chair(tasks):
     from .sources import COCO_VAL2014_FILE
-    from .tasks import CHAIR_PROMPT
 
     parser = _task_parser(tasks, "chair", "CHAIR object hallucination in detailed captions", 64, _chair_eval,
                           lambda args: f"chair_{args.max_new_tokens}tok")
@@ -423,8 +423,6 @@ def _register_chair(tasks):
 
 
 def _register_captions(tasks):
-    from .tasks import CAPTION_PROMPT as COCO_PROMPT
-
     parser = _task_parser(tasks, "captions", "COCO caption metrics (BLEU, METEOR, ROUGE-L, CIDEr, SPICE)", 64,
                           _captions_eval)
     parser.add_argument("--references", type=Path, help="COCO captions_*.json or Karpathy dataset_coco.json")
@@ -432,14 +430,12 @@ def _register_captions(tasks):
     parser.add_argument("--image-ids", type=Path, help="evaluate only these image ids")
     parser.add_argument("--image-root", type=Path, help="folder the image paths are relative to")
     parser.add_argument("--prompt", default=None, help="the instruction for each caption (default: the model's saved "
-                        f"convention, else {COCO_PROMPT!r})")
+                        f"convention, else {COCO_CAPTION_PROMPT!r})")
     parser.add_argument("--spice", default="auto", choices=["auto", "on", "off"],
                         help="auto: SPICE only when its CoreNLP jars are installed")
 
 
 def _register_vqa(tasks):
-    from .tasks import VQA_PROMPT_SUFFIX
-
     parser = _task_parser(tasks, "vqa", "VQA accuracy (exact match, or VQAv2 soft accuracy)", 16, _vqa_eval)
     parser.add_argument("--easyvqa", choices=["train", "test"], help="use an easy-VQA split")
     parser.add_argument("--conversations", type=Path, help="LLaVA-format question/answer conversations")
@@ -454,7 +450,8 @@ def register(subparsers):
                                     description="Caption images with a saved model.")
     add_model_arguments(caption)
     caption.add_argument("images", nargs="+", help="image files or folders")
-    caption.add_argument("--prompt", default=CAPTION_PROMPT, help=f"instruction (default: {CAPTION_PROMPT!r})")
+    caption.add_argument("--prompt", default=SHORT_CAPTION_PROMPT,
+                         help=f"instruction (default: {SHORT_CAPTION_PROMPT!r})")
     caption.add_argument("--batch-size", type=positive_int, default=8, help="images captioned together")
     caption.add_argument("--json", action="store_true", help="one JSON object per image (file, answer or error)")
     caption.add_argument("--stream", action="store_true", help="print tokens as they are generated (batch size 1)")
@@ -464,7 +461,7 @@ def register(subparsers):
     ask = subparsers.add_parser("ask", help="ask a question about one image", description="Ask about an image.")
     add_model_arguments(ask)
     ask.add_argument("image", help="image file")
-    ask.add_argument("question", help="the question (an <image> marker is put in front unless it has one)")
+    ask.add_argument("question", help=f"the question (an {IMAGE_MARKER} marker is put in front unless it has one)")
     ask.add_argument("--json", action="store_true", help="print a JSON object (file, question, answer or error)")
     ask.add_argument("--stream", action="store_true", help="print tokens as they are generated")
     add_generation_arguments(ask, max_new_tokens=128)

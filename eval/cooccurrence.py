@@ -8,10 +8,10 @@ mixes these questions with many others, and CHAIR_I counts every kind of halluci
 """
 
 from dataclasses import dataclass
-from pathlib import Path
 
 from data.jsonl import read_json
 from data.pope import image_objects, pope_question
+from data.scene_folder import ScenesFolder
 
 from .pope import load_pope_answers, parse_pope_answer
 
@@ -29,10 +29,10 @@ class CooccurrenceProbes:
 
     @classmethod
     def from_scenes(cls, folder, split: str = "test") -> "CooccurrenceProbes":
-        folder = Path(folder)
-        config = read_json(folder / "scene_config.json")
+        folder = ScenesFolder(folder)
+        config = folder.scene_config()
         pairs = [(trigger, partner) for trigger, partners in config["cooccurrence"].items() for partner in partners]
-        present = {name: set(objects) for name, objects in image_objects(read_json(folder / f"instances_{split}.json"))}
+        present = {name: set(objects) for name, objects in image_objects(read_json(folder.instances(split)))}
         return cls(pairs, present)
 
     def missing_partners(self, objects) -> set[str]:

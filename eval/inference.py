@@ -15,6 +15,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from data.images import DEFAULT_MAX_PIXELS, load_image
+from vlm.processing import IMAGE_MARKER
 
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -99,7 +100,7 @@ def collect_image_paths(inputs: Iterable) -> list[Path]:
     return paths
 
 
-def user_prompt(prompt: str, num_images: int, image_token: str = "<image>") -> str:
+def user_prompt(prompt: str, num_images: int, image_token: str = IMAGE_MARKER) -> str:
     """The prompt with one `<image>` marker per image in front, unless it already places its markers."""
     if image_token in prompt:
         return prompt

@@ -2,12 +2,15 @@
 
 Files written into the output folder for a run named NAME (`pope`, `chair_64tok`, `captions`, `vqa`):
 `NAME_summary.json` (headline numbers, settings, errors), `NAME_details.json` (per caption / image / question
-results) and the plots: `pope_metrics.png`, `pope_yes_ratio.png`; `chair_vs_length.png` (every CHAIR run found
-in the folder, e.g. the 64- and 512-token regimes side by side) and `NAME_examples.png` (images with their
-captions, hallucinated objects in red).
+results), `NAME_report.md` and `NAME_report.html` (the headline as tables, with the plots) and the plots:
+`pope_metrics.png`, `pope_yes_ratio.png`; `chair_vs_length.png` (every CHAIR run found in the folder, e.g. the
+64- and 512-token regimes side by side) and `NAME_examples.png` (images with their captions, hallucinated objects
+in red). `write_document` is the one markdown + HTML writer; the demo's report uses it too.
 """
 
+import html
 import json
+import re
 from pathlib import Path
 
 from . import plots
@@ -161,4 +164,104 @@ def write_report(out_dir, task: str, result: dict, model_name: str, generation_k
     }
     summary["summary_file"] = str(out_dir / f"{name}_summary.json")
     Path(summary["summary_file"]).write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    counts = f"{summary['n_scored']} inputs scored, {summary['n_errors']} failed; model `{model_name}`."
+    if summary["n_errors"]:
+        counts += (f" **{summary['n_errors']} inputs failed: these metrics describe only the answered ones** (the "
+                   f"errors are in {Path(summary['summary_file']).name}).")
+    write_document(out_dir, f"{name}_report", f"vlm eval {task}",
+                   [("Results", counts + "\n\n" + headline_markdown(task, summary["headline"]), summary["plots"])])
     return summary
+
+
+# --------------------------------------------------------------------------------------- markdown and HTML
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def markdown_to_html(text: str) -> str:
+    """The little markdown the reports use (tables, bullets, bold, code) as HTML."""
+    def inline(line):
+        line = html.escape(line)
+        line = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", line)
+        return re.sub(r"`(.+?)`", r"<code>\1</code>", line)
+
+    out, table = [], []
+    for line in text.split("\n") + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                table.append([inline(cell.strip()) for cell in line.strip("|").split("|")])
+            continue
+        if table:
+            head, *rows = table
+            out.append("<table><tr>" + "".join(f"<th>{c}</th>" for c in head) + "</tr>"
+                       + "".join("<tr>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>" for row in rows) + "</table>")
+            table = []
+        if line.startswith("- "):
+            out.append(f"<li>{inline(line[2:])}</li>")
+        elif line.strip():
+            out.append(f"<p>{inline(line)}</p>")
+    return "\n".join(out)
+
+
+def write_document(out_dir, stem: str, title: str, sections: list[tuple[str, str, list[str]]]) -> Path:
+    """`STEM.md` and `STEM.html` from (section title, markdown body, image files) sections; returns the .md path."""
+    out_dir = Path(out_dir)
+    markdown = [f"# {title}", ""]
+    page = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+            "body{font-family:sans-serif;max-width:60em;margin:auto}table{border-collapse:collapse}"
+            "td,th{border:1px solid #ccc;padding:2px 6px}img{max-width:100%}</style></head><body>",
+            f"<h1>{html.escape(title)}</h1>"]
+    for heading, body, images in sections:
+        markdown += [f"## {heading}", "", body, ""] + [f"![{heading}]({image})" for image in images] + [""]
+        page.append(f"<h2>{html.escape(heading)}</h2>{markdown_to_html(body)}")
+        page += [f"<img src='{html.escape(image)}' alt='{html.escape(heading)}'>" for image in images]
+    page.append("</body></html>")
+    (out_dir / f"{stem}.md").write_text("\n".join(markdown), encoding="utf-8")
+    (out_dir / f"{stem}.html").write_text("\n".join(page), encoding="utf-8")
+    return out_dir / f"{stem}.md"
+
+
+def _with_interval(row: dict, key: str) -> str:
+    interval = row.get("ci95", {}).get(key)
+    return f"{row[key]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
+
+
+def _change(change: dict) -> str:
+    low, high = change["ci95"]
+    return f"{change['change']:+.4f} [{low:+.4f}, {high:+.4f}]" + (" (noise)" if change["within_noise"] else "")
+
+
+def headline_markdown(task: str, table: dict) -> str:
+    """A task's headline (see `headline`) as markdown tables: values with their 95% intervals, and the changes
+    from a baseline run with their paired intervals."""
+    changes = table.get("versus_baseline")
+    if task == "pope":
+        splits = [name for name in table if name not in ("accuracy_by_convention", "versus_baseline")]
+        columns = [key for key in POPE_HEADLINE if key != "n"]
+        parts = [markdown_table(["split", *columns, "n"], [[name, *(_with_interval(table[name], key) for key in columns),
+                                                             str(table[name].get("n", ""))] for name in splits])]
+        by_convention = table.get("accuracy_by_convention")
+        if by_convention:
+            names = list(next(iter(by_convention.values())))
+            parts.append("Accuracy by answer-parsing convention:\n\n" + markdown_table(
+                ["convention", *names], [[rule, *(f"{row[name]:.4f}" for name in names)]
+                                         for rule, row in by_convention.items()]))
+        if changes:
+            keys = CHANGE_HEADLINE[task]
+            parts.append("Change from the baseline run (95% interval paired over the same questions):\n\n"
+                         + markdown_table(["split", *keys, "n"], [[name, *(_change(row[key]) for key in keys),
+                                                                   str(row["n"])] for name, row in changes.items()]))
+        return "\n\n".join(parts)
+    if task == "chair":
+        keys = [key for key in CHAIR_HEADLINE if key not in ("n_captions", "ci95")]
+        parts = [markdown_table(["metric", "value [95% CI]"], [[key, _with_interval(table, key)] for key in keys]
+                                + [["n", str(table["n_captions"])]])]
+        if changes:
+            parts.append("Change from the baseline run (95% interval paired over the same images):\n\n"
+                         + markdown_table(["metric", "change [95% CI]"],
+                                          [[key, _change(changes[key])] for key in CHANGE_HEADLINE[task]]
+                                          + [["n", str(changes["n"])]]))
+        return "\n\n".join(parts)
+    return markdown_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]
+                                               for key, value in table.items()])

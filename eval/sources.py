@@ -1,7 +1,6 @@
 """Where evaluation inputs come from: the official files with COCO images, or a synthetic-scenes folder.
 
-A scenes folder is what `data.scenes.generate_scenes` writes: `images/{split}/`, `instances_{split}.json`,
-`captions_{split}.json`, `conversations_{split}.json`, `pope_{split}_{strategy}.json` and `chair_vocab.json`.
+A scenes folder is what `data.scenes.generate_scenes` writes (its layout: `data.scene_folder.ScenesFolder`).
 Each function returns plain lists and dicts that the `eval.tasks` runners take.
 """
 
@@ -12,6 +11,8 @@ from data.images import resolve_image_path
 from data.jsonl import DataFormatError, read_json, read_json_records
 from data.llava import llava_messages
 from data.pope import POPE_STRATEGIES, image_objects, read_pope_file
+from data.scene_folder import ScenesFolder
+from vlm.processing import IMAGE_MARKER
 
 from .chair import ChairVocabulary, image_id_key, load_chair_ground_truth, load_image_ids
 
@@ -37,12 +38,10 @@ def pope_files(paths) -> dict[str, list[dict]]:
 
 def scenes_pope(folder, split: str = "test") -> tuple[dict[str, list[dict]], Path]:
     """A scenes folder's POPE files for one split -> `({strategy: questions}, image_root)`."""
-    folder = Path(folder)
-    files = [folder / f"pope_{split}_{strategy}.json" for strategy in POPE_STRATEGIES]
-    missing = [str(path) for path in files if not path.is_file()]
-    if missing:
-        raise FileNotFoundError(f"not a scenes folder with split {split!r}: missing {', '.join(missing)}")
-    return {strategy: read_pope_file(path) for strategy, path in zip(POPE_STRATEGIES, files)}, folder / "images" / split
+    folder = ScenesFolder(folder)
+    files = [folder.pope(split, strategy) for strategy in POPE_STRATEGIES]
+    folder.require(*files)
+    return {strategy: read_pope_file(path) for strategy, path in zip(POPE_STRATEGIES, files)}, folder.images(split)
 
 
 def scenes_chair(folder, split: str = "test"):
@@ -50,16 +49,15 @@ def scenes_chair(folder, split: str = "test"):
 
     The ground truth is each image's set of shape categories (from `instances_{split}.json`); the vocabulary
     is the folder's `chair_vocab.json`."""
-    folder = Path(folder)
-    instances_path = folder / f"instances_{split}.json"
-    instances = read_json(instances_path)
+    folder = ScenesFolder(folder)
+    instances = read_json(folder.instances(split))
     ids = {image["file_name"]: image["id"] for image in instances["images"]}
-    image_root = folder / "images" / split
+    image_root = folder.images(split)
     images, ground_truth = [], {}
     for file_name, objects in image_objects(instances):
         images.append((ids[file_name], image_root / file_name))
         ground_truth[image_id_key(ids[file_name])] = frozenset(objects)
-    return images, ground_truth, ChairVocabulary.load(folder / "chair_vocab.json")
+    return images, ground_truth, ChairVocabulary.load(folder.chair_vocabulary)
 
 
 def coco_chair(image_ids_file, image_root, ground_truth_file, synonyms_file, file_pattern: str = COCO_VAL2014_FILE):
@@ -84,8 +82,8 @@ def caption_set(captions_json, image_root, split: str | None = None, image_ids=N
 
 def scenes_captions(folder, split: str = "test"):
     """A scenes split's images and reference captions (see `caption_set`)."""
-    folder = Path(folder)
-    return caption_set(folder / f"captions_{split}.json", folder / "images" / split)
+    folder = ScenesFolder(folder)
+    return caption_set(folder.captions(split), folder.images(split))
 
 
 def conversation_questions(conversations_json, image_root, skip_suffix: str = "_detail") -> list[dict]:
@@ -106,7 +104,7 @@ def conversation_questions(conversations_json, image_root, skip_suffix: str = "_
         for turn, (asked, answer) in enumerate(zip(turns[::2], turns[1::2])):
             if asked["role"] != "user" or answer["role"] != "assistant":
                 raise ValueError(f"{conversations_json}: record {record_id} does not alternate user/assistant")
-            question = asked["content"].replace("<image>", "").strip()
+            question = asked["content"].replace(IMAGE_MARKER, "").strip()
             questions.append({"question_id": f"{record_id}_{turn}", "image": path, "question": question,
                               "answers": answer["content"]})
     return questions
@@ -114,8 +112,8 @@ def conversation_questions(conversations_json, image_root, skip_suffix: str = "_
 
 def scenes_vqa(folder, split: str = "test") -> list[dict]:
     """A scenes split's question/answer conversations as VQA questions (exact-match answers)."""
-    folder = Path(folder)
-    return conversation_questions(folder / f"conversations_{split}.json", folder / "images" / split)
+    folder = ScenesFolder(folder)
+    return conversation_questions(folder.conversations(split), folder.images(split))
 
 
 def easyvqa_questions(split: str = "test") -> list[dict]:

@@ -8,6 +8,8 @@ not be answered, e.g. unreadable images, which are left out of the metrics).
 """
 
 from data.images import resolve_image_path
+from vlm.processing import IMAGE_MARKER
+from vlm.prompts import CHAIR_PROMPT, COCO_CAPTION_PROMPT, VQA_PROMPT_SUFFIX
 
 from .chair import evaluate_chair
 from .inference import Request
@@ -15,9 +17,6 @@ from .pope import evaluate_pope
 from .runner import model_description, run_requests, split_errors
 from .vqa import vqa_accuracy
 
-CHAIR_PROMPT = "Please describe this image in detail."  # OPERA / VCD / lmms-eval CHAIR setting
-CAPTION_PROMPT = "Provide a one-sentence caption for the provided image."  # lmms-eval coco captions
-VQA_PROMPT_SUFFIX = "\nAnswer the question using a single word or phrase."  # LLaVA-1.5 short-answer prompt
 SHOWN_ERRORS = 10
 
 
@@ -40,7 +39,7 @@ def _answer_questions(task: str, what: str, model, processor, requests: list[Req
                       model_name) -> tuple[list[dict], list[dict]]:
     """Answer (or resume answering) questions keyed by `question_id` -> `(answered, errors)`; refuses when
     nothing could be answered."""
-    settings = _settings(task, model, model_name, "<image>\n{question}" + prompt_suffix)
+    settings = _settings(task, model, model_name, IMAGE_MARKER + "\n{question}" + prompt_suffix)
     records = run_requests(model, processor, requests, answers_path, "question_id", settings, generation_kwargs,
                            batch_size, overwrite, progress)
     answered, errors = split_errors(records)
@@ -92,7 +91,7 @@ def run_chair(model, processor, images: list[tuple], ground_truth: dict, vocabul
 
 
 def run_captions(model, processor, images: list[tuple], references: dict, answers_path, results_path=None,
-                 prompt: str = CAPTION_PROMPT, batch_size: int = 8, generation_kwargs: dict | None = None,
+                 prompt: str = COCO_CAPTION_PROMPT, batch_size: int = 8, generation_kwargs: dict | None = None,
                  overwrite: bool = False, progress: bool = False, model_name: str | None = None,
                  spice: bool | None = None) -> dict:
     """Caption `images` and score them against `references` (`{image_id: [captions]}`) with pycocoevalcap

@@ -17,6 +17,8 @@ BACKBONES = {
     "biformer_tiny": ("vision_backbones.biformer", {}, 64),
     "vim_tiny_patch16_224": ("vision_backbones.vim", dict(img_size=64), 64),
     "vig_tiny_patch16_224": ("vision_backbones.vig", dict(img_size=64), 64),
+    # the registered tiny variants the tests and the demo use
+    **{f"test_{family}": (f"vision_backbones.{family}", {}, 64) for family in ("lookupvit", "biformer", "vim", "vig")},
 }
 
 
@@ -40,7 +42,7 @@ def test_backbone_builds_headless_and_runs(name):
 
 
 def test_peak_tensor_memory_probe_counts_live_storages():
-    from vision_backbones.bench import PeakTensorMemory
+    from benchmarks.backbones import PeakTensorMemory
 
     x = torch.ones(1000)  # created outside the probe: not counted
     with PeakTensorMemory() as probe:

@@ -6,7 +6,7 @@ import re
 import pytest
 import torch
 
-from eval.demo import run_demo
+from demo import run_demo
 
 SECTIONS = ["Summary", "Training", "POPE (test split)", "Captions (COCO caption metrics)", "CHAIR",
             "Mitigation heads", "Sample captions", "Where the model looks"]
@@ -103,7 +103,7 @@ def _fake_run(seed, plain, methods):
 
 
 def test_seed_spread_names_only_methods_beyond_the_spread():
-    from eval.demo import mitigation_spread
+    from demo.seeds import mitigation_spread
 
     runs = [
         _fake_run(0, (40, 0.80, 0.30), {"good": (30, 0.82, 0.31), "noisy": (38, 0.80, 0.28)}),
@@ -122,7 +122,7 @@ def test_seed_spread_names_only_methods_beyond_the_spread():
 
 
 def test_seed_spread_survives_a_split_without_probes():
-    from eval.demo import mitigation_spread
+    from demo.seeds import mitigation_spread
 
     runs = [_fake_run(seed, (40, 0.80, 0.30), {"good": (30, 0.82, 0.31)}) for seed in (0, 1)]
     runs[0]["results"]["chair"]["cooccurrence_probes"] = {"probes": 0, "claimed": 0, "rate": None}

@@ -123,7 +123,7 @@ def test_paint_runs_on_a_clip_tower_and_is_refused_with_the_reason_elsewhere(fam
 
 
 def test_cost_benchmark_runs_on_a_family():
-    from eval.mitigation_bench import HF_BENCH_METHODS, hf_family_costs
+    from benchmarks.mitigation import HF_BENCH_METHODS, hf_family_costs
 
     rows = hf_family_costs("llava", rounds=1)
     assert [row["method"] for row in rows] == HF_BENCH_METHODS

@@ -32,7 +32,7 @@ def test_overrides_reach_nested_fields_and_list_items(tmp_path):
     ("batch_size=2.5", "batch_size: expected an integer"),
     ("logging.progress=maybe", "logging.progress: expected true or false"),
     ("stage.name=pretrain", "stage.name='pretrain' is not one of"),
-    ("data.sources.4.weight=1", "not an index of a 1-item list"),
+    ("data.sources.4.weight=1", "not an index of a 2-item list"),
     ("max_steps=0", "max_steps must be at least 1"),
     ("no_equals_sign", "key=value"),
 ])
@@ -55,7 +55,8 @@ def test_command_line_builds_the_config():
     import argparse
 
     from train.assets import register as register_assets
-    from train.cli import config_from_args, register
+    from train.cli import register
+    from train.config import config_from_args
 
     parser = argparse.ArgumentParser()
     subparsers = parser.add_subparsers()
@@ -76,3 +77,24 @@ def test_shipped_recipes_are_nameable_from_any_folder(tmp_path, monkeypatch):
     assert load_config("demo_tiny") == load_config(RECIPES[[p.stem for p in RECIPES].index("demo_tiny")])
     with pytest.raises(ConfigError, match="demo_tiny"):
         load_config("demo_tinny")  # the refusal lists the shipped names
+
+
+def test_every_vlm_config_argument_is_settable_from_a_recipe():
+    """`model.vlm` goes to `VLMConfig` as it is: options no field of training repeats (freeze_vision,
+    vision_keep_prefix_tokens) reach the built model; an unknown key gets a did-you-mean."""
+    from train.modelbuild import build_model
+    from vlm.testing import TINY_CORPUS
+    from vlm.tokenizer import train_tokenizer
+
+    config = load_config(RECIPES[0], [
+        "model.vlm.vision_kwargs={img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+        "model.vlm.image_size=32", "model.vlm.freeze_vision=true", "model.vlm.vision_keep_prefix_tokens=true",
+        "model.vlm.attention_mode=modality_mutual"])
+    model, processor = build_model(config.model, train_tokenizer(TINY_CORPUS, vocab_size=256))
+    assert model.config.freeze_vision and model.config.vision_keep_prefix_tokens
+    assert model.config.attention_mode == "modality_mutual" and processor.prompts == config.model.prompts
+    assert not any(parameter.requires_grad for parameter in model.vision_tower.parameters())
+    with pytest.raises(ConfigError, match="unknown key 'model.vlm.visoin'.*did you mean 'vision'"):
+        load_config(RECIPES[0], ["model.vlm.visoin=vit_small_patch16_224"])
+    with pytest.raises(ConfigError, match="model.vlm.image_token_id"):
+        load_config(RECIPES[0], ["model.vlm.image_token_id=3"])  # the tokenizer decides it

@@ -26,7 +26,7 @@ def base_dir(tmp_path_factory):
 
 
 def init_from(base_dir):
-    return {"model.init_from": str(base_dir), "model.text_config": "null"}
+    return {"model.init_from": str(base_dir), "model.vlm.text_config": "null"}
 
 
 def test_loss_goes_down_and_outputs_are_complete(tmp_path, scenes):

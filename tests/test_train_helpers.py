@@ -12,8 +12,9 @@ DEMO_RECIPE = REPO / "train" / "configs" / "demo_tiny.yaml"
 
 # A from-scratch model small enough for a few dozen CPU steps in seconds.
 TINY_MODEL_OVERRIDES = [
-    "model.vision_kwargs={img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
-    "model.text_config={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
+    "model.vlm.vision_kwargs={img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+    "model.vlm.image_size=32",
+    "model.vlm.text_config={model_type: llama, hidden_size: 64, intermediate_size: 128, num_hidden_layers: 2, "
     "num_attention_heads: 4, num_key_value_heads: 2, max_position_embeddings: 512, tie_word_embeddings: true}",
     "model.tokenizer_vocab_size=300",
 ]
@@ -21,7 +22,8 @@ TINY_MODEL_OVERRIDES = [
 
 def tiny_overrides(out_dir, scenes_dir, **settings) -> list[str]:
     """Overrides turning the demo recipe into a seconds-long CPU run."""
-    values = {"out_dir": str(out_dir), "data.sources.0.path": str(scenes_dir), "batch_size": 8, "max_steps": 6,
+    values = {"out_dir": str(out_dir), "data.sources.0.path": str(scenes_dir), "data.sources.1.path": str(scenes_dir),
+              "batch_size": 8, "max_steps": 6,
               "logging.progress": False, "logging.plot": False, "logging.log_every": 1,
               "schedule.warmup_steps": 0, "checkpoint.save_every": 0, "precision": "fp32", **settings}
     return TINY_MODEL_OVERRIDES + [f"{key}={value}" for key, value in values.items()]

@@ -29,7 +29,7 @@ def scenes(tmp_path_factory):
 def overrides(out_dir, scenes, *extra):
     settings = {"max_steps": STEPS, "checkpoint.save_every": STEPS // 4, "checkpoint.keep_last": 3, "optim.lr": 3e-3,
                 # dropout draws from the RNG every step: a resume must restore the generator states exactly
-                "model.text_config.attention_dropout": 0.2}
+                "model.vlm.text_config.attention_dropout": 0.2}
     return tiny_overrides(out_dir, scenes, **settings) + list(extra)
 
 
@@ -133,7 +133,10 @@ def test_a_signal_checkpoints_the_current_step_and_prints_the_resume_command(tmp
 @pytest.mark.slow
 def test_two_processes_match_one(tmp_path, scenes):
     base = save_tiny_model(tmp_path / "base")
-    settings = ["model.init_from=" + str(base), "model.text_config=null", "stage.name=full"]
+    # The recipe's caption source draws a random reference caption per access from each process's own RNG, so it
+    # cannot match across process counts (a known gap: docs/training.md); the conversations alone can.
+    settings = ["model.init_from=" + str(base), "model.vlm.text_config=null", "stage.name=full",
+                f"data.sources=[{{kind: scenes, path: {scenes}}}]"]
     train(recipe(tmp_path / "one", scenes, *settings, "batch_size=8"))
     # accelerate's --cpu launcher starts one process without mpirun: CPU processes go through torchrun
     launcher = (sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",

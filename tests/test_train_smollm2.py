@@ -45,7 +45,7 @@ def test_lora_steps_on_smollm2(tmp_path, smollm2_dir):
     scenes = make_scenes(tmp_path / "scenes", num_images=20)
     config = load_config(REPO / "train" / "configs" / "smollm2_lora_scenes.yaml", [
         f"model.llm={smollm2_dir}", f"data.sources.0.path={scenes}", f"out_dir={tmp_path / 'run'}",
-        "model.vision_kwargs={img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
+        "model.vlm.vision_kwargs={img_size: 32, patch_size: 8, depth: 1, embed_dim: 32, num_heads: 2}",
         "max_steps=3", "batch_size=2", "schedule.warmup_steps=0", "checkpoint.save_every=0",
         "logging.progress=false", "logging.plot=false", "precision=fp32", "optim.lr=1e-3",
     ])

@@ -1,25 +1,11 @@
 """`vlm train`: run a training recipe in this process (the same code as `accelerate launch -m train.finetune`).
 
-The arguments are shared with `python -m train.finetune`; nothing heavy is imported until the command runs."""
+The arguments are shared with `python -m train.finetune` (`train.config.add_arguments`); the training code is
+imported only when the command runs."""
 
 import argparse
 
-
-def add_arguments(parser: argparse.ArgumentParser):
-    parser.add_argument("--config", required=True,
-                        help="recipe YAML, or the name of a shipped recipe (demo_tiny, smollm2_lora_scenes, ...)")
-    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
-
-
-def config_from_args(args):
-    """The `TrainConfig` named by parsed `add_arguments` arguments."""
-    from .config import load_config
-
-    config = load_config(args.config, args.overrides)
-    if args.resume:
-        config.resume = True
-    return config
+from .config import add_arguments, config_from_args
 
 
 def _run(args) -> int:

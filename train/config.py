@@ -5,48 +5,54 @@
 
 Every YAML key must name a dataclass field; values are type-checked against the field's annotation, and
 `key=value` overrides use dotted keys (`optim.lr=1e-3`, `data.sources.0.weight=2`). Errors name the file
-and the key.
+and the key. `add_arguments` and `config_from_args` are the command-line form, shared by `vlm train` and
+`python -m train.finetune`.
 """
 
+import argparse
 import dataclasses
-import types
+import inspect
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
+from data.typed_yaml import ConfigError, from_mapping, read_mapping
 from vlm.cli import did_you_mean
 
 STAGES = ("align", "finetune", "full")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "linear", "cosine")
-DATA_KINDS = ("scenes", "easyvqa", "llava", "coco")
+DATA_KINDS = ("scenes", "scene_captions", "easyvqa", "llava", "coco")
 
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the `TrainConfig` schema."""
+# `VLMConfig` arguments that training sets itself: the image token from the tokenizer, the LLM path from
+# `model.llm`, the tower's width and token count from the built tower.
+SET_BY_TRAINING = ("image_token_id", "text_pretrained_path", "vision_hidden_size", "vision_num_tokens")
+
+
+def vlm_options() -> list[str]:
+    """The keys `model.vlm` may hold: `VLMConfig`'s arguments (less `SET_BY_TRAINING`) and the LLM's
+    `attn_implementation`."""
+    from vlm.config import VLMConfig
+
+    parameters = inspect.signature(VLMConfig.__init__).parameters
+    return [name for name, parameter in parameters.items() if name != "self" and parameter.kind is
+            inspect.Parameter.POSITIONAL_OR_KEYWORD and name not in SET_BY_TRAINING] + ["attn_implementation"]
 
 
 @dataclass
 class ModelSpec:
-    """Which model to train. Either `init_from` (a `VisionLanguageModel` folder, e.g. the output of an
-    `align` run), or a new model from `vision` + `connector` + an LLM: `llm` (a pretrained Hugging Face
-    causal-LM folder, e.g. `vlm assets smollm2 --out DIR`) or `text_config` (a from-scratch config dict with
-    `model_type`)."""
+    """Which model to train: `init_from` (a saved `VisionLanguageModel` folder, e.g. the output of an `align`
+    run), or a new model from `vlm`, the arguments of `vlm.VLMConfig` as they are (`vision`, `vision_kwargs`,
+    `connector`, `attention_mode`, `freeze_vision`, ...; `text_config`, a config dict with `model_type`, for an
+    LLM from scratch), with `llm` (a pretrained Hugging Face causal-LM folder, e.g. `vlm assets smollm2 --out DIR`)
+    for a pretrained LLM. The other fields are what training adds."""
 
     init_from: str | None = None
-    vision: str = "vit_tiny_patch16_224"
-    vision_kwargs: dict = field(default_factory=dict)
-    vision_pretrained_file: str | None = None
-    vision_feature_layer: int = -1
-    image_size: int | None = None  # the tower's input size; default: its img_size argument or timm's data config
-    connector: str = "mlp2x_gelu"
-    connector_kwargs: dict = field(default_factory=dict)
+    vlm: dict = field(default_factory=dict)
     llm: str | None = None
-    text_config: dict | None = None
-    attention_mode: str = "causal"
-    attn_implementation: str = "sdpa"
     # Tokenizer folder; default: the LLM's own. A from-scratch model trains a byte-level BPE of this size
     # on the training texts (saved with the run, so a resumed run uses the same vocabulary).
     tokenizer: str | None = None
@@ -62,6 +68,7 @@ class DataSource:
     """One dataset of the training mix.
 
     `kind`: `scenes` (`path` = a folder written by `vlm data scenes`, its LLaVA conversations of `split`),
+    `scene_captions` (the same folder's COCO captions of `split`, as one-caption samples),
     `easyvqa` (the easy-vqa package, `split` train/test), `llava` (`path` = a LLaVA JSON file, images under
     `image_root`), `coco` (`path` = a COCO captions or Karpathy JSON file, images under `image_root`).
     `weight` scales how often its samples appear per epoch (2.0 = every sample twice, 0.5 = a seeded
@@ -188,96 +195,25 @@ class TrainConfig:
         if not 1 <= self.data.split_by_length <= self.batch_size:
             raise ConfigError(f"data.split_by_length must be between 1 and batch_size ({self.batch_size}), got "
                               f"{self.data.split_by_length}")
-        if self.model.init_from is None and self.model.llm is None and self.model.text_config is None:
-            raise ConfigError("model: give init_from (a VLM folder), llm (an LLM folder) or text_config (from scratch)")
-        if self.model.llm is not None and self.model.text_config is not None:
-            raise ConfigError("model: give either llm or text_config, not both")
+        options = vlm_options()
+        for name in self.model.vlm:
+            if name not in options:
+                raise ConfigError(f"unknown key 'model.vlm.{name}' ({did_you_mean(name, options)}VLMConfig's "
+                                  f"arguments: {', '.join(options)})")
+        text_config = self.model.vlm.get("text_config")
+        if self.model.init_from is None and self.model.llm is None and text_config is None:
+            raise ConfigError("model: give init_from (a VLM folder), llm (an LLM folder) or vlm.text_config "
+                              "(from scratch)")
+        if self.model.llm is not None and text_config is not None:
+            raise ConfigError("model: give either llm or vlm.text_config, not both")
         if check_data and not self.data.sources:
             raise ConfigError("data.sources is empty: list at least one dataset")
         return self
 
 
-# ------------------------------------------------------------------------------------------ conversion
-def _type_name(annotation) -> str:
-    return getattr(annotation, "__name__", None) or str(annotation).replace("typing.", "")
-
-
-def _convert(value, annotation, key: str):
-    """`value` checked (and, where lossless, converted) against the type `annotation`."""
-    origin = typing.get_origin(annotation)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(annotation)
-        if value is None and type(None) in options:
-            return None
-        for option in options:
-            if option is type(None):
-                continue
-            try:
-                return _convert(value, option, key)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{key}: {value!r} does not fit {_type_name(annotation)}")
-    if dataclasses.is_dataclass(annotation):
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping for {annotation.__name__}, got {value!r}")
-        return _from_dict(annotation, value, key)
-    if origin is list:
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
-        (item_type,) = typing.get_args(annotation) or (object,)
-        return [_convert(item, item_type, f"{key}.{index}") for index, item in enumerate(value)]
-    if annotation is dict or origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
-        return dict(value)
-    if annotation is float:
-        # YAML reads "1e-3" (no dot) as a string; ints are fine as floats
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
-    if annotation is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if annotation is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    if annotation is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{key}: expected a string, got {value!r}")
-    if annotation is object:
-        return value
-    raise ConfigError(f"{key}: unsupported field type {_type_name(annotation)}")
-
-
-def _from_dict(cls, values: dict, prefix: str = ""):
-    hints = typing.get_type_hints(cls)
-    known = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {}
-    for name, value in values.items():
-        key = f"{prefix}.{name}" if prefix else str(name)
-        if name not in known:
-            raise ConfigError(f"unknown key {key!r} ({did_you_mean(name, known)}known keys{' under ' + prefix if prefix else ''}: "
-                              f"{', '.join(sorted(known))})")
-        kwargs[name] = _convert(value, hints[name], key)
-    for item in dataclasses.fields(cls):
-        if item.name not in kwargs and item.default is dataclasses.MISSING and item.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{prefix or cls.__name__}: the required key {item.name!r} is missing")
-    return cls(**kwargs)
-
-
 def config_from_dict(values: dict) -> TrainConfig:
     """A validated `TrainConfig` from nested plain values (as read from YAML)."""
-    return _from_dict(TrainConfig, values or {}).validate()
+    return from_mapping(TrainConfig, values or {}).validate()
 
 
 def config_to_dict(config: TrainConfig) -> dict:
@@ -358,14 +294,9 @@ def load_config(path=None, overrides: typing.Sequence[str] = ()) -> TrainConfig:
     values["data"]["sources"] = []
     if path is not None:
         path = resolve_recipe(path)
+        loaded = read_mapping(path)
         try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML: {error}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config keys")
-        try:
-            values = config_to_dict(_from_dict(TrainConfig, loaded))
+            values = config_to_dict(from_mapping(TrainConfig, loaded))
         except ConfigError as error:
             raise ConfigError(f"{path}: {error}") from None
     for override in overrides:
@@ -383,3 +314,18 @@ def save_config(config: TrainConfig, path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
     return path
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    parser.add_argument("--config", required=True,
+                        help="recipe YAML, or the name of a shipped recipe (demo_tiny, smollm2_lora_scenes, ...)")
+    parser.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in out_dir")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr=1e-3")
+
+
+def config_from_args(args) -> TrainConfig:
+    """The `TrainConfig` named by parsed `add_arguments` arguments."""
+    config = load_config(args.config, args.overrides)
+    if args.resume:
+        config.resume = True
+    return config

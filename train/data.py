@@ -1,9 +1,10 @@
 """The training data mix: datasets from `data/` built from a recipe's `data.sources`."""
 
 from itertools import islice
-from pathlib import Path
 
 from torch.utils.data import Subset
+
+from data.scene_folder import ScenesFolder
 
 from .config import DataConfig, DataSource
 
@@ -17,18 +18,31 @@ def _require(source: DataSource, index: int, *names):
             raise ValueError(f"data.sources.{index} (kind {source.kind}) needs '{name}'")
 
 
+def _scenes_folder(source: DataSource, index: int, annotations: str) -> ScenesFolder:
+    """The scenes folder of a source, with its `annotations` ("conversations" or "captions") of the split."""
+    folder = ScenesFolder(source.path)
+    try:
+        folder.require(getattr(folder, annotations)(source.split))
+    except FileNotFoundError as missing:
+        raise FileNotFoundError(f"data.sources.{index}: {missing}") from None
+    return folder
+
+
 def build_dataset(source: DataSource, index: int = 0):
     """The map-style dataset (of contract sample dicts) for one source."""
     if source.kind == "scenes":
         from data.llava import LlavaConversationDataset
 
         _require(source, index, "path")
-        root = Path(source.path)
-        annotations = root / f"conversations_{source.split}.json"
-        if not annotations.is_file():
-            raise FileNotFoundError(f"data.sources.{index}: {annotations} is missing: generate the scenes with "
-                                    f"`vlm data scenes --out {root}`")
-        dataset = LlavaConversationDataset(annotations, root / "images" / source.split, **source.options)
+        folder = _scenes_folder(source, index, "conversations")
+        dataset = LlavaConversationDataset(folder.conversations(source.split), folder.images(source.split),
+                                           **source.options)
+    elif source.kind == "scene_captions":
+        from data.coco import CocoCaptionsDataset
+
+        _require(source, index, "path")
+        folder = _scenes_folder(source, index, "captions")
+        dataset = CocoCaptionsDataset(folder.captions(source.split), folder.images(source.split), **source.options)
     elif source.kind == "easyvqa":
         from data.easyvqa import EasyVQADataset
 

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from vlm.processing import IGNORE_INDEX
 
 from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
-from .cli import add_arguments, config_from_args
-from .config import TrainConfig, save_config
+from .config import TrainConfig, add_arguments, config_from_args, save_config
 from .data import build_datasets, conversation_texts, make_collate, text_lengths
 from .lora import has_lora, merge_lora, save_adapter
 from .metrics import MetricsLogger, plot_loss_curve

@@ -68,7 +68,8 @@ def unwrap_state_dict(checkpoint: dict, weights: str = "model") -> dict:
             raise ValueError(f"the checkpoint holds {' and '.join(wrapped)} but no {weights} weights: {hint}")
         checkpoint = checkpoint[found[0]]
     elif weights == "model_ema":
-        raise ValueError("the checkpoint is a plain state dict without model_ema weights: drop the 'ema' pretrained tag")
+        raise ValueError("the checkpoint is a plain state dict without model_ema weights: drop the 'ema' "
+                         "pretrained tag")
     return {key.removeprefix("module."): value for key, value in checkpoint.items()}
 
 

@@ -231,7 +231,8 @@ def checkpoint_filter_fn(state_dict: dict, model: BiFormer) -> dict:
 
 
 def _create_biformer(variant: str, pretrained: bool = False, **kwargs) -> BiFormer:
-    return build_backbone(BiFormer, variant, pretrained, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3), **kwargs)
+    return build_backbone(BiFormer, variant, pretrained, checkpoint_filter_fn, default_out_indices=(0, 1, 2, 3),
+                          **kwargs)
 
 
 def _cfg(**kwargs) -> dict:
@@ -248,6 +249,7 @@ default_cfgs = generate_default_cfgs({
     "biformer_tiny.in1k": _cfg(),
     "biformer_small.in1k": _cfg(),
     "biformer_base.in1k": _cfg(),
+    "test_biformer": _cfg(input_size=(3, 64, 64)),
 })
 
 
@@ -270,3 +272,11 @@ def biformer_base(pretrained: bool = False, **kwargs) -> BiFormer:
     """BiFormer-B: 56.8M parameters, 9.8 GMACs at 224."""
     args = dict(depths=(4, 4, 18, 4), embed_dims=(96, 192, 384, 768))
     return _create_biformer("biformer_base", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_biformer(pretrained: bool = False, **kwargs) -> BiFormer:
+    """A tiny BiFormer for tests and the demo: 5 blocks, widths 32-256, a 2x2 region grid (at 64 px its stride-16
+    stage is a 4x4 grid)."""
+    args = dict(depths=(1, 1, 2, 1), embed_dims=(32, 64, 128, 256), topks=(1, 2, 4, -2), num_regions=2)
+    return _create_biformer("test_biformer", pretrained, **dict(args, **kwargs))

@@ -301,6 +301,7 @@ default_cfgs = generate_default_cfgs({
     "lookupvit_tiny_patch16_224": _cfg(),
     "lookupvit_small_patch16_224": _cfg(),
     "lookupvit_base_patch16_224": _cfg(),
+    "test_lookupvit": _cfg(input_size=(3, 64, 64)),
 })
 
 
@@ -323,3 +324,10 @@ def lookupvit_base_patch16_224(pretrained: bool = False, **kwargs) -> LookupViT:
     """LookupViT at ViT-B width (768, 12 blocks, 12 heads)."""
     args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
     return _create_lookupvit("lookupvit_base_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_lookupvit(pretrained: bool = False, **kwargs) -> LookupViT:
+    """A tiny LookupViT for tests and the demo: 64 px, 8-px lookup patches (64 tokens), 4 blocks of width 96."""
+    args = dict(img_size=64, patch_size=8, depth=4, embed_dim=96, num_heads=3)
+    return _create_lookupvit("test_lookupvit", pretrained, **dict(args, **kwargs))

@@ -343,6 +343,7 @@ default_cfgs = generate_default_cfgs({
     "vig_tiny_patch16_224.in1k": _cfg(hf_hub_id="hustvl/ViG", hf_hub_filename="vig_t_77p2acc.pth"),
     "vig_small_patch16_224.in1k": _cfg(hf_hub_id="hustvl/ViG", hf_hub_filename="vig_s_81p7acc.pth"),
     "vig_base_patch16_224.in1k": _cfg(hf_hub_id="hustvl/ViG", hf_hub_filename="vig_b_82p6acc.pth"),
+    "test_vig": _cfg(input_size=(3, 64, 64)),
 })
 
 
@@ -365,3 +366,10 @@ def vig_base_patch16_224(pretrained: bool = False, **kwargs) -> ViG:
     """ViG-B: dim 768, 12 blocks, 12 heads (89.0M parameters)."""
     args = dict(embed_dim=768, depth=12, num_heads=12, act_in_conv=False, out_act=False)
     return _create_vig("vig_base_patch16_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_vig(pretrained: bool = False, **kwargs) -> ViG:
+    """A tiny ViG for tests and the demo: ViG-T's layout at 64 px (a 4x4 grid), 4 blocks of width 96."""
+    args = dict(img_size=64, patch_size=16, depth=4, embed_dim=96, num_heads=3, act_in_conv=True, out_act=True)
+    return _create_vig("test_vig", pretrained, **dict(args, **kwargs))

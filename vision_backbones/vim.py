@@ -401,6 +401,7 @@ default_cfgs = generate_default_cfgs({
     # The base checkpoint's file name in hustvl/Vim-base-midclstok is not recorded here: load it with
     # pretrained_cfg_overlay=dict(file=...).
     "vim_base_patch16_224.in1k": _cfg(),
+    "test_vim": _cfg(input_size=(3, 64, 64)),
 })
 
 
@@ -434,3 +435,10 @@ def vim_small_patch16_stride8_224(pretrained: bool = False, **kwargs) -> Vim:
     """Vim-S+ (the fine-tuned 81.6% model): Vim-S with 16x16 patches at stride 8."""
     args = dict(embed_dim=384, depth=24, stride=8)
     return _create_vim("vim_small_patch16_stride8_224", pretrained, **dict(args, **kwargs))
+
+
+@register_model
+def test_vim(pretrained: bool = False, **kwargs) -> Vim:
+    """A tiny Vim for tests and the demo: 64 px, 16-px patches (a 4x4 grid), 4 layers of width 96."""
+    args = dict(img_size=64, patch_size=16, depth=4, embed_dim=96)
+    return _create_vim("test_vim", pretrained, **dict(args, **kwargs))

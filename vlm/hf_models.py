@@ -18,9 +18,7 @@ import torch
 from transformers import AutoModelForImageTextToText, AutoProcessor
 from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
 
-from .processing import PromptTooLongError
-
-IMAGE_MARKER = "<image>"
+from .processing import IMAGE_MARKER, PromptTooLongError
 
 
 def chat_content(text: str) -> list[dict]:

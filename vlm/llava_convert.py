@@ -28,7 +28,7 @@ from safetensors.torch import load_file
 
 from .config import VLMConfig
 from .modeling import VisionLanguageModel
-from .processing import ChatTemplate, VLMProcessor
+from .processing import IMAGE_MARKER, ChatTemplate, VLMProcessor
 
 # timm's CLIP ViT: pre-norm, a class token, a patch embedding without bias and LayerNorm(eps=1e-5), as OpenAI's
 CLIP_TOWER = "vit_large_patch14_clip_336"
@@ -225,9 +225,10 @@ def _original_llava(folder: Path, vision_tower):
     text = LlamaConfig(**{key: value for key, value in settings.items()
                           if not key.startswith("mm_") and key not in ("model_type", "architectures", "auto_map")})
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    if "<image>" not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<image>"]})
-    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+    # the model goes on to `from_llava` and our processor, so its image token is our marker
+    if IMAGE_MARKER not in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_MARKER]})
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_MARKER)
     text.vocab_size = max(text.vocab_size, image_token_id + 1)
     config = LlavaConfig(vision_config=clip.config, text_config=text, image_token_id=image_token_id,
                          vision_feature_layer=settings.get("mm_vision_select_layer", -2),
@@ -285,7 +286,8 @@ def import_llava(source, out, vision_tower=None, attention_mode: str = "causal")
 
 
 def _jinja_template(template: ChatTemplate) -> str:
-    """Our chat template as the Jinja template HF processors apply (string or typed-part contents)."""
+    """Our chat template as the Jinja template HF processors apply (string or typed-part contents). An image part
+    becomes `<image>`, `LlavaProcessor`'s own image token (its default), which it expands to the patch tokens."""
     content = ("{% if message['content'] is string %}{{ message['content'] }}{% else %}"
                "{% for part in message['content'] %}{% if part['type'] == 'image' %}<image>\n"
                "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}")

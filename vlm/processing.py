@@ -17,6 +17,9 @@ from transformers import AutoTokenizer, BatchFeature
 
 from .roles import TokenRole
 
+# Where an image goes in a message content; every module that writes or reads prompts takes it from here.
+IMAGE_MARKER = "<image>"
+
 IGNORE_INDEX = -100
 PROCESSOR_FILE = "processor_config.json"
 
@@ -53,7 +56,7 @@ class VLMProcessor:
             prompt option is given (keys "pope_suffix", "chair", "captions", "vqa_suffix"; see `eval.tasks`).
     """
 
-    image_token = "<image>"
+    image_token = IMAGE_MARKER
 
     def __init__(self, tokenizer, image_size: int, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
                  num_image_tokens: int = 1, max_length: int | None = None, template: ChatTemplate | None = None,
@@ -256,7 +259,7 @@ class VLMProcessor:
         if return_tensors != "pt":
             raise ValueError("only return_tensors='pt' is supported")
         if text is None:
-            raise ValueError("text is required (one prompt per sample, with <image> markers)")
+            raise ValueError(f"text is required (one prompt per sample, with {self.image_token} markers)")
         texts = [text] if isinstance(text, str) else list(text)
         images = [] if images is None else ([images] if isinstance(images, Image.Image) else list(images))
         if images and all(isinstance(item, (list, tuple)) for item in images):

@@ -4,7 +4,7 @@ from transformers import AutoConfig, PreTrainedTokenizerFast
 
 from .config import VLMConfig
 from .modeling import VisionLanguageModel
-from .processing import VLMProcessor
+from .processing import IMAGE_MARKER, VLMProcessor
 from .tokenizer import train_tokenizer
 
 TINY_CORPUS = [
@@ -62,7 +62,7 @@ def tiny_vlm(attention_mode: str = "causal", llm: str = "llama", vision: str = "
     config = VLMConfig(
         vision=vision, vision_kwargs=vision_kwargs, connector=connector, connector_kwargs=connector_kwargs,
         text_config=tiny_text_config(llm, vocab_size=len(tokenizer)), attn_implementation=attn_implementation,
-        attention_mode=attention_mode, image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        attention_mode=attention_mode, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_MARKER),
         image_size=image_size, **config_kwargs,
     )
     model = VisionLanguageModel(config).eval()
@@ -71,7 +71,9 @@ def tiny_vlm(attention_mode: str = "causal", llm: str = "llama", vision: str = "
 
 # ------------------------------------------------------------------ tiny Hugging Face VLM families
 # Each builder makes a random-init model of one family with the family's own classes, an offline BPE tokenizer
-# carrying the family's special tokens and a chat template written like the family's released one.
+# carrying the family's special tokens and a chat template written like the family's released one. The `<image>`
+# of the LLaVA and Idefics3 builders is those families' own image token, not the suite's `IMAGE_MARKER` (which
+# `ChatProcessor` turns into the `{"type": "image"}` parts these templates render), so it stays written out.
 _CONTENT = ("{% for part in message['content'] %}{% if part['type'] == 'image' %}IMAGE"
             "{% else %}{{ part['text'] }}{% endif %}{% endfor %}")
 _TINY_LLAMA = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,

@@ -5,7 +5,9 @@ from collections.abc import Iterable
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", "<image>"]
+from .processing import IMAGE_MARKER
+
+SPECIAL_TOKENS = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>", IMAGE_MARKER]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
@@ -27,7 +29,7 @@ def _with_role_names(texts: Iterable[str]):
 def train_tokenizer(texts: Iterable[str], vocab_size: int = 1024, image_token: bool = True) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer trained on `texts` (message contents), with ChatML and (unless `image_token`
     is False, as in a text-only LLM's tokenizer) `<image>` special tokens."""
-    special_tokens = SPECIAL_TOKENS if image_token else [t for t in SPECIAL_TOKENS if t != "<image>"]
+    special_tokens = SPECIAL_TOKENS if image_token else [t for t in SPECIAL_TOKENS if t != IMAGE_MARKER]
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()

@@ -8,20 +8,21 @@ the model as `mitigation_stats.safetensors` beside its weights (loaded automatic
   without reinforcement) at the last prompt token: how much the head's output changes when the image
   is removed. PAINT's head-specific modulation scales its margins by it (`head_specific=True`).
 
-Command line: `python -m vlm.mitigation.calibration --model DIR --images DIR [--num 32]`.
+Command line: `python -m vlm.mitigation --model DIR --images DIR [--num 32]` (`__main__.py`).
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from ..processing import IMAGE_MARKER
+from ..prompts import DETAIL_PROMPT
 from .vhr import image_free_inputs
 from .model_parts import attention_module, decoder_layers, image_positions, num_heads
 
 STATS_FILE = "mitigation_stats.safetensors"
-DEFAULT_PROMPT = "<image>\nDescribe the image in detail."
+DEFAULT_PROMPT = f"{IMAGE_MARKER}\n{DETAIL_PROMPT}"
 
 
 @torch.no_grad()
@@ -95,29 +96,3 @@ def model_mitigation_stats(model) -> dict:
         stats = (load_mitigation_stats(folder) if folder and Path(folder).is_dir() else None) or {}
         model.mitigation_stats = stats
     return stats
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description="Measure mitigation statistics and save them beside the model")
-    parser.add_argument("--model", required=True, help="a saved VisionLanguageModel folder (with its processor)")
-    parser.add_argument("--images", required=True, help="a folder of images to calibrate on")
-    parser.add_argument("--num", type=int, default=32, help="how many images (sorted by name) to use")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT)
-    args = parser.parse_args(argv)
-    from PIL import Image
-
-    from .. import VisionLanguageModel, VLMProcessor
-
-    files = sorted(p for p in Path(args.images).rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))[:args.num]
-    if not files:
-        raise SystemExit(f"no .png/.jpg images under {args.images}")
-    model = VisionLanguageModel.from_pretrained(args.model).eval()
-    processor = VLMProcessor.from_pretrained(args.model)
-    images = [Image.open(path).convert("RGB") for path in files]
-    stats = calibrate_mitigation_stats(model, processor, images, args.prompt)
-    path = save_mitigation_stats(stats, args.model)
-    print(f"wrote {path}: sink_dims={stats['sink_dims'].tolist()} from {len(images)} images")
-
-
-if __name__ == "__main__":
-    main()

@@ -15,8 +15,8 @@ from transformers import LogitsProcessorList
 from .attention import AttentionEdits
 from .calibration import model_mitigation_stats
 from .contrastive import INPUT_NAMES, ContrastBranch
-from .model_parts import check_supported, decoder_layers, image_positions, is_suite_model
-from .registry import METHODS, Plan
+from .model_parts import decoder_layers, image_positions, is_suite_model
+from .registry import METHODS, Plan, check_supported
 from .spec import resolve_mitigation
 from .vhr import HeadReinforcement
 

@@ -9,22 +9,13 @@ of `config.image_token_id`. Its processor's own `mm_token_type_ids` (Qwen2-VL's)
 
 import torch
 
+from ..config import VLMConfig
 from ..roles import TokenRole
 
 
 def is_suite_model(model) -> bool:
-    from ..modeling import VisionLanguageModel
-
-    return isinstance(model, VisionLanguageModel)
-
-
-def check_supported(model, methods: dict) -> None:
-    """Refuse, with the reason, a method of `{method: options}` that cannot run on `model` (never a silent no-op).
-    Every method runs on both kinds of model; PAINT needs a tower with a class token (not SigLIP's, Qwen2-VL's)."""
-    if "paint" in methods:
-        from .paint import check_paint_tower
-
-        check_paint_tower(model)
+    """A `VisionLanguageModel` (also inside a PEFT wrapper, which passes its `config` through)."""
+    return isinstance(getattr(model, "config", None), VLMConfig)
 
 
 def text_decoder(model):

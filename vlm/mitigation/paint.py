@@ -123,7 +123,7 @@ def check_head_count(model, sensitivity: torch.Tensor):
     expected = (len(decoder_layers(model)), num_heads(model))
     if tuple(sensitivity.shape) != expected:
         raise ValueError(f"visual_sensitivity statistics have shape {tuple(sensitivity.shape)}, but this model has "
-                         f"{expected[0]} layers x {expected[1]} heads: recalibrate (vlm.mitigation.calibration)")
+                         f"{expected[0]} layers x {expected[1]} heads: recalibrate (python -m vlm.mitigation)")
 
 
 def install(plan, options: dict):
@@ -131,7 +131,7 @@ def install(plan, options: dict):
     if options["head_specific"]:
         if "visual_sensitivity" not in plan.stats:
             raise ValueError("paint head_specific=True needs the visual_sensitivity statistics: run "
-                             "vlm.mitigation.calibration on the model (or set model.mitigation_stats)")
+                             "python -m vlm.mitigation on the model (or set model.mitigation_stats)")
         check_head_count(plan.model, plan.stats["visual_sensitivity"])
         plan.head_scale = head_scale_from_sensitivity(plan.stats["visual_sensitivity"])
 
@@ -144,4 +144,5 @@ register(Method(
               "cfg": None, "cfg_beta": 0.1},
     install=install, layers=llava_depth_layers(2 / 32),
     uses_contrast_branch=lambda options: options["cfg"] is not None,
+    check_model=check_paint_tower,
 ))

@@ -49,6 +49,8 @@ class Method:
     install: Callable[[Plan, dict], None]
     layers: Callable[[int], list[int]] | None = None  # the default layers for an LLM of that many layers
     uses_contrast_branch: Callable[[dict], bool] = field(default=lambda options: False)
+    # raises, with the reason, when the method cannot run on a model (PAINT needs a tower with a class token)
+    check_model: Callable[[object], None] | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -57,6 +59,14 @@ METHODS: dict[str, Method] = {}
 def register(method: Method) -> Method:
     METHODS[method.name] = method
     return method
+
+
+def check_supported(model, methods: dict) -> None:
+    """Refuse, with the reason, a method of `{method: options}` that cannot run on `model` (never a silent no-op).
+    Every method runs on both kinds of model unless its `check_model` says otherwise."""
+    for name in methods:
+        if METHODS[name].check_model is not None:
+            METHODS[name].check_model(model)
 
 
 def llava_depth_layers(start_fraction: float, end_offset: int = 0) -> Callable[[int], list[int]]:

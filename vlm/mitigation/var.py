@@ -49,7 +49,7 @@ def install(plan: Plan, options: dict):
     if options["sink_dims"] is None:
         if "sink_dims" not in plan.stats:
             raise ValueError("var needs the LLM's massive-activation dims: pass {'var': {'sink_dims': [...]}} or "
-                             "calibrate them (python -m vlm.mitigation.calibration --model DIR --images DIR)")
+                             "calibrate them (python -m vlm.mitigation --model DIR --images DIR)")
         options["sink_dims"] = plan.stats["sink_dims"].tolist()
     width = hidden_size(plan.model)
     if any(not 0 <= d < width for d in options["sink_dims"]):

@@ -1,11 +1,13 @@
 """Training throughput and memory of the shipped recipes, with the time of one step split into vision
 (tower + connector), LLM forward, backward and optimizer.
 
-    python -m train.bench                                 # demo_tiny and smollm2_lora_scenes on this machine
-    python -m train.bench --recipes demo_tiny --steps 20 --batch-size 16 --threads 2
+    python -m benchmarks.training                         # demo_tiny and smollm2_lora_scenes on this machine
+    python -m benchmarks.training --recipes demo_tiny --steps 20 --batch-size 16 --threads 2
 
 Each recipe runs in its own process, so its peak memory (resident set on CPU, allocated memory on a GPU)
-is its own. The model, stage, data and optimizer are built by the same functions as `train.finetune`.
+is its own. The model, stage, data and optimizer are built by the same functions as `train.finetune`. Steps are
+timed by `benchmarks.timing.time_call` after one warm-up step; every figure is the median over the timed steps,
+and steps that vary widely are reported on stderr.
 """
 
 import argparse
@@ -17,7 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-RECIPE_DIR = Path(__file__).resolve().parent / "configs"
+from benchmarks.timing import Timing, print_warnings, time_call
+from train.config import load_config
+
 DEFAULT_SMOLLM2_DIR = Path("runs/assets/smollm2")
 
 
@@ -48,14 +52,13 @@ def bench_recipe(recipe: str, overrides: list[str], steps: int, threads: int) ->
     """Time `steps` optimizer steps (after one warm-up step) of `recipe` with `overrides`."""
     import torch
 
-    from .config import load_config
-    from .data import build_datasets, conversation_texts, make_collate
-    from .finetune import resolve_precision, token_loss_sum
-    from .modelbuild import build_model, build_tokenizer
-    from .stages import apply_stage, parameter_groups, set_train_mode
+    from train.data import build_datasets, conversation_texts, make_collate
+    from train.finetune import resolve_precision, token_loss_sum
+    from train.modelbuild import build_model, build_tokenizer
+    from train.stages import apply_stage, parameter_groups, set_train_mode
 
     torch.set_num_threads(threads)
-    config = load_config(RECIPE_DIR / f"{recipe}.yaml", overrides)
+    config = load_config(recipe, overrides)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     datasets = build_datasets(config.data)
     torch.manual_seed(config.seed)
@@ -73,10 +76,9 @@ def bench_recipe(recipe: str, overrides: list[str], steps: int, threads: int) ->
     batch = collate(samples)
     labels = batch.pop("labels").to(device)
     batch = {key: value.to(device) for key, value in batch.items()}
-    totals = {"vision_s": 0.0, "llm_forward_s": 0.0, "backward_s": 0.0, "optimizer_s": 0.0}
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    for step in range(steps + 1):  # step 0 warms up
+    phases = {"vision_s": [], "llm_forward_s": [], "backward_s": [], "optimizer_s": []}
+
+    def train_step():
         vision.seconds = 0.0
         _sync(device)
         started = time.perf_counter()
@@ -90,12 +92,17 @@ def bench_recipe(recipe: str, overrides: list[str], steps: int, threads: int) ->
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         _sync(device)
-        if step:
-            totals["vision_s"] += vision.seconds
-            totals["llm_forward_s"] += forward_done - started - vision.seconds
-            totals["backward_s"] += backward_done - forward_done
-            totals["optimizer_s"] += time.perf_counter() - backward_done
-    step_s = sum(totals.values()) / steps
+        phases["vision_s"].append(vision.seconds)
+        phases["llm_forward_s"].append(forward_done - started - vision.seconds)
+        phases["backward_s"].append(backward_done - forward_done)
+        phases["optimizer_s"].append(time.perf_counter() - backward_done)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    step = time_call(train_step, repeats=steps, warmup=1, what=f"{recipe} step")
+    print_warnings(step)
+    # train_step noted the warm-up step's phases too: summarise the timed steps' only
+    phase_medians = {key: Timing(f"{recipe} {key}", tuple(values[-steps:])).median for key, values in phases.items()}
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if device.type == "cuda":
         peak_mib = torch.cuda.max_memory_allocated() / 2**20
@@ -104,8 +111,8 @@ def bench_recipe(recipe: str, overrides: list[str], steps: int, threads: int) ->
     return {
         "recipe": recipe, "device": device.type, "threads": threads, "batch_size": config.batch_size,
         "sequence_length": int(batch["input_ids"].shape[1]), "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-        "trainable_m": trainable / 1e6, "samples_per_s": config.batch_size / step_s, "step_s": step_s,
-        **{key: value / steps for key, value in totals.items()}, "peak_memory_mib": peak_mib,
+        "trainable_m": trainable / 1e6, "samples_per_s": config.batch_size / step.median, "step_s": step.median,
+        "step_spread": step.spread, **phase_medians, "peak_memory_mib": peak_mib,
     }
 
 
@@ -132,9 +139,9 @@ def format_row(row: dict) -> str:
         return f"{row['recipe']:<22} failed: {row['error']}"
     return (f"{row['recipe']:<22} {row['device']:>4} b={row['batch_size']:<3} L={row['sequence_length']:<4} "
             f"{row['trainable_m']:7.2f}M/{row['params_m']:7.2f}M trainable  {row['samples_per_s']:7.2f} samples/s  "
-            f"step {row['step_s'] * 1000:8.1f} ms = vision {row['vision_s'] * 1000:7.1f} + LLM fwd "
-            f"{row['llm_forward_s'] * 1000:7.1f} + bwd {row['backward_s'] * 1000:7.1f} + optim "
-            f"{row['optimizer_s'] * 1000:6.1f}  peak {row['peak_memory_mib']:7.0f} MiB")
+            f"step {row['step_s'] * 1000:8.1f} ms: vision {row['vision_s'] * 1000:7.1f}, LLM fwd "
+            f"{row['llm_forward_s'] * 1000:7.1f}, bwd {row['backward_s'] * 1000:7.1f}, optim "
+            f"{row['optimizer_s'] * 1000:6.1f} (medians)  peak {row['peak_memory_mib']:7.0f} MiB")
 
 
 def main(argv=None):
@@ -158,9 +165,11 @@ def main(argv=None):
             generate_scenes(scenes, 40, seed=0)
         rows = []
         for recipe in args.recipes:
-            overrides = [f"data.sources.0.path={scenes}", f"batch_size={args.batch_size}"]
+            sources = load_config(recipe).data.sources  # every source of a scenes recipe reads the scenes folder
+            overrides = [f"data.sources.{index}.path={scenes}" for index in range(len(sources))]
+            overrides.append(f"batch_size={args.batch_size}")
             if recipe.startswith("smollm2"):
-                from .assets import convert_smollm2
+                from train.assets import convert_smollm2
 
                 overrides.append(f"model.llm={convert_smollm2(args.smollm2)}")
             rows.append(run_isolated(recipe, overrides, args.steps, args.threads))

@@ -1,15 +1,15 @@
 """Measured effect of each mitigation method: POPE (adversarial) and CHAIR on a scenes folder, plus the
 decode-time cost per token against plain greedy decoding.
 
-    python -m eval.mitigation_bench --model runs/tiny --scenes runs/scenes [--split test] [--out bench.json]
-    python -m eval.mitigation_bench --hf-families llava qwen2_vl --threads 1 --rounds 10
+    python -m benchmarks.mitigation --model runs/tiny --scenes runs/scenes [--split test] [--out bench.json]
+    python -m benchmarks.mitigation --hf-families llava qwen2_vl --threads 1 --rounds 10
 
 POPE: accuracy, F1 and yes-ratio (`eval.pope`, official parsing). CHAIR: CHAIR_S, CHAIR_I, recall and
 length in words (`eval.chair`) of "Describe the image in detail." captions. Cost: seconds per generated
-token of a single-prompt greedy decode, from the difference of a long (40) and a short (8) forced-length
-run (so prefill work is left out), as a ratio to plain greedy; `e2e` is the ratio for the whole long call
-(prefill included). Methods are timed interleaved and the fastest of several rounds counts; use
-`--threads 1 --rounds 10` on a shared machine. LQCD contrasts each prompt with its leading form (the
+token of a single-prompt greedy decode of 40 forced tokens, the median interval between consecutive tokens
+(so prefill work is left out; `benchmarks.timing.time_generations`), as a ratio to plain greedy; `e2e` is the
+ratio for the whole call (prefill included). Methods are timed interleaved and the fastest of several rounds
+counts; use `--threads 1 --rounds 10` on a shared machine. LQCD contrasts each prompt with its leading form (the
 prompt + " I am sure it is there, right?"). VAR needs sink dimensions: calibrated on the first training
 images when the model folder has no `mitigation_stats.safetensors`.
 """
@@ -21,9 +21,13 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.timing import GenerationTiming, print_warnings, time_generations
+from vlm.processing import IMAGE_MARKER
+from vlm.prompts import DETAIL_PROMPT
+
 DEFAULT_METHODS = ["none", "vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "pai:cfg=1.1"]
-CHAIR_PROMPT = "<image>\nDescribe the image in detail."
-COST_PROMPT = "<image>\nIs there a circle in the image?"
+CHAIR_PROMPT = f"{IMAGE_MARKER}\n{DETAIL_PROMPT}"  # what the scenes' conversations ask
+COST_PROMPT = f"{IMAGE_MARKER}\nIs there a circle in the image?"
 HF_BENCH_METHODS = ["none", "vhr", "pai", "var:sink_dims=0+1", "vcd", "icd", "lqcd"]
 
 
@@ -50,7 +54,7 @@ def pope_scores(model, processor, questions, image_root, method, batch_size):
     from eval.pope import evaluate_pope
 
     images = [load_image(Path(image_root) / q["image"]) for q in questions]
-    prompts = ["<image>\n" + q["text"] for q in questions]
+    prompts = [f"{IMAGE_MARKER}\n{q['text']}" for q in questions]
     answers = generate_texts(model, processor, prompts, images, method, 4, batch_size)
     metrics = evaluate_pope(questions, {q["question_id"]: a for q, a in zip(questions, answers)})
     return {"pope_acc": metrics["accuracy"], "pope_f1": metrics["f1"], "pope_yes": metrics["yes_ratio"]}
@@ -70,39 +74,38 @@ def chair_scores(model, processor, chair_inputs, method, max_new_tokens, batch_s
             "length": metrics["avg_len"], "example": captions[0]}
 
 
-def decode_costs(model, processor, inputs, methods, short=8, long=40, rounds=5) -> dict:
-    """method -> (seconds per decoded token, seconds of the long call): the fastest of `rounds` forced-length
-    runs on `inputs` (one prompt), with the methods interleaved in every round so that load from other
-    processes hits them alike."""
+def decode_costs(model, processor, inputs, methods, new_tokens=40, rounds=5) -> dict[str, GenerationTiming]:
+    """method -> timings of forced-length greedy decodes of `new_tokens` on `inputs` (one prompt): one warm-up
+    round, then `rounds` rounds with the methods interleaved in every round so that load from other processes
+    hits them alike."""
     from vlm.mitigation import generate_with_mitigation
 
-    specs = {method: spec_for(method) for method in methods}
+    def forced_greedy(method):
+        spec = spec_for(method)
+        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+        if spec is None:
+            return lambda streamer: model.generate(**inputs, **kwargs, streamer=streamer)
+        return lambda streamer: generate_with_mitigation(model, spec, processor, **inputs, **kwargs, streamer=streamer)
 
-    def timed(method, tokens):
-        start = time.perf_counter()
-        kwargs = dict(max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
-        if specs[method] is None:
-            model.generate(**inputs, **kwargs)
-        else:
-            generate_with_mitigation(model, specs[method], processor, **inputs, **kwargs)
-        return time.perf_counter() - start
+    return time_generations({method: forced_greedy(method) for method in methods}, repeats=rounds)
 
-    best = {method: [float("inf"), float("inf")] for method in methods}
-    for _ in range(rounds + 1):  # the first round warms up
-        for method in methods:
-            best[method][0] = min(best[method][0], timed(method, short))
-            best[method][1] = min(best[method][1], timed(method, long))
-    return {method: ((times[1] - times[0]) / (long - short), times[1]) for method, times in best.items()}
+
+def cost_columns(timing: GenerationTiming, plain: GenerationTiming) -> dict:
+    """ms per decoded token and the cost against plain greedy, per token and end to end; the fastest round
+    counts (the one least disturbed by other processes)."""
+    return {"ms_per_token": 1000 * timing.per_token.minimum,
+            "cost_per_token": timing.per_token.minimum / plain.per_token.minimum,
+            "cost_e2e": timing.total.minimum / plain.total.minimum}
 
 
 def ensure_stats(model, processor, scenes, split, num_images=16):
     from data.images import load_image
-
+    from data.scene_folder import ScenesFolder
     from vlm.mitigation.calibration import calibrate_mitigation_stats, model_mitigation_stats
 
     if "sink_dims" in model_mitigation_stats(model):
         return "loaded"
-    files = sorted((Path(scenes) / "images" / split).iterdir())[:num_images]
+    files = sorted(ScenesFolder(scenes).images(split).iterdir())[:num_images]
     model.mitigation_stats = calibrate_mitigation_stats(model, processor, [load_image(f) for f in files])
     return f"calibrated on {len(files)} {split} images"
 
@@ -132,10 +135,9 @@ def hf_family_costs(family: str, rounds: int) -> list[dict]:
     image = Image.new("RGB", (32, 32), (200, 30, 30))
     inputs = processor.collate([processor.encode_prompt([{"role": "user", "content": COST_PROMPT}], [image])], [image])
     costs = decode_costs(model, processor, inputs, HF_BENCH_METHODS, rounds=rounds)
-    plain = costs["none"]
-    return [{"family": family, "method": method, "ms_per_token": 1000 * per_token,
-             "cost_per_token": per_token / plain[0], "cost_e2e": end_to_end / plain[1]}
-            for method, (per_token, end_to_end) in costs.items()]
+    print_warnings(*costs.values())
+    return [{"family": family, "method": method, **cost_columns(timing, costs["none"])}
+            for method, timing in costs.items()]
 
 
 def hf_main(families: list[str], rounds: int):
@@ -202,11 +204,9 @@ def main(argv=None):
     cost_inputs = processor(images=[cost_image], text=[COST_PROMPT])
     costs = decode_costs(model, processor, cost_inputs, ["none", *[m for m in args.methods if m != "none"]],
                          rounds=args.rounds)
-    plain = costs["none"]
+    print_warnings(*costs.values())
     for row in rows:
-        per_token, end_to_end = costs[row["method"]]
-        row["ms_per_token"] = 1000 * per_token
-        row["cost_per_token"], row["cost_e2e"] = per_token / plain[0], end_to_end / plain[1]
+        row.update(cost_columns(costs[row["method"]], costs["none"]))
     print(format_table(rows))
     if args.out:
         Path(args.out).write_text(json.dumps({"model": args.model, "scenes": args.scenes, "split": args.split,

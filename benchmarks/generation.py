@@ -1,23 +1,25 @@
 """Generation benchmark: our `generate` against transformers' `LlavaForConditionalGeneration` built with the
 same vision tower size (ViT-Ti/16 at 224 px: 196 image tokens) and the same LLM, measured in one run.
 
-    python -m vlm.bench generate [--batch-sizes 1 8] [--new-tokens 32] [--threads 2]
+    python -m benchmarks.generation generate [--batch-sizes 1 8] [--new-tokens 32] [--threads 2]
 
-Prints prefill latency and decode tokens/s for each model and batch size, the ratio ours/Llava for the
-causal mode, and the prefill cost of each non-causal mode relative to causal.
+Prints prefill latency (time to the first token) and decode tokens/s (from the median interval between
+consecutive tokens of one call, `benchmarks.timing.time_generations`) for each model and batch size, the ratio
+ours/Llava for the causal mode, and the prefill cost of each non-causal mode relative to causal. The models are
+timed interleaved, so that a busy machine slows all of them alike; repeats that spread widely are reported on
+stderr.
 """
 
 import argparse
-import statistics
-import time
 
 import torch
 from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-from .config import VLMConfig
-from .masks import ATTENTION_MODES
-from .modeling import VisionLanguageModel
-from .roles import TokenRole
+from benchmarks.timing import print_warnings, time_generations
+from vlm.config import VLMConfig
+from vlm.masks import ATTENTION_MODES
+from vlm.modeling import VisionLanguageModel
+from vlm.roles import TokenRole
 
 IMAGE_TOKEN_ID = 500  # a placeholder id inside both vocabularies
 PROMPT_TOKENS = 24
@@ -56,23 +58,10 @@ def make_inputs(batch: int, image_tokens: int, with_roles: bool):
     return inputs
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
-@torch.no_grad()
-def measure(model, inputs, new_tokens: int, repeats: int) -> dict:
-    prefill = timed(lambda: model(**inputs, use_cache=True), repeats)
-    total = timed(lambda: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                         do_sample=False), repeats)
-    batch = inputs["input_ids"].shape[0]
-    return {"prefill_s": prefill, "decode_tok_s": batch * (new_tokens - 1) / max(total - prefill, 1e-9)}
+def forced_greedy(model, inputs, new_tokens: int):
+    """`generate(streamer)` for `time_generations`: exactly `new_tokens` greedy tokens (no early end)."""
+    return lambda streamer: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                           do_sample=False, streamer=streamer)
 
 
 def bench_generate(args):
@@ -85,22 +74,27 @@ def bench_generate(args):
           f"{args.new_tokens} new tokens; {args.threads} threads")
     print(f"{'model':<42}{'batch':>6}{'prefill ms':>12}{'decode tok/s':>14}{'ratio vs ref':>14}")
     for batch in args.batch_sizes:
-        reference = measure(llava, make_inputs(batch, 196, with_roles=False), args.new_tokens, args.repeats)
-        print(f"{'Llava (transformers)':<42}{batch:>6}{reference['prefill_s'] * 1e3:>12.1f}{reference['decode_tok_s']:>14.1f}{'':>14}")
-        causal = None
+        generates = {"Llava (transformers)": forced_greedy(llava, make_inputs(batch, 196, with_roles=False),
+                                                           args.new_tokens)}
         for mode, model in ours.items():
-            result = measure(model, make_inputs(batch, 196, with_roles=True), args.new_tokens, args.repeats)
-            if mode == "causal":
-                causal = result
-                ratio = f"{result['decode_tok_s'] / reference['decode_tok_s']:.2f}x tok/s"
+            generates[f"ours {mode}"] = forced_greedy(model, make_inputs(batch, 196, with_roles=True), args.new_tokens)
+        timings = time_generations(generates, repeats=args.repeats)
+        reference, causal = timings["Llava (transformers)"], timings["ours causal"]
+        for name, timing in timings.items():
+            if name == "ours causal":
+                ratio = f"{reference.per_token.median / timing.per_token.median:.2f}x tok/s"
+            elif name.startswith("ours"):
+                ratio = f"{timing.prefill.median / causal.prefill.median:.2f}x prefill"
             else:
-                ratio = f"{result['prefill_s'] / causal['prefill_s']:.2f}x prefill"
-            print(f"{'ours ' + mode:<42}{batch:>6}{result['prefill_s'] * 1e3:>12.1f}{result['decode_tok_s']:>14.1f}{ratio:>14}")
+                ratio = ""
+            decode_tokens_per_s = batch / timing.per_token.median  # each step adds one token to every sequence
+            print(f"{name:<42}{batch:>6}{timing.prefill.median * 1e3:>12.1f}{decode_tokens_per_s:>14.1f}{ratio:>14}")
+            print_warnings(timing)
     print("targets: ours causal >= 0.95x Llava decode tok/s; non-causal prefill <= 1.10x causal")
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m vlm.bench")
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.generation")
     sub = parser.add_subparsers(dest="what", required=True)
     gen = sub.add_parser("generate", help="generate() throughput against LlavaForConditionalGeneration")
     gen.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])

@@ -1,11 +1,12 @@
 """CPU benchmark of the tiny backbones against DeiT-Ti (timm `vit_tiny_patch16_224`).
 
-    python -m vision_backbones.bench --sizes 224 512 1024 --threads 2
+    python -m benchmarks.backbones --sizes 224 512 1024 --threads 2
 
 For each model and square input size, batch 1, fp32, eager PyTorch:
-- latency: median wall time of several forward passes after warm-up, with the model's default attention
-  (fused SDPA where the model uses it), under `torch.no_grad()` and a fixed thread count; the timed passes
-  alternate between the models so that a busy machine slows all of them alike;
+- latency: median wall time of several forward passes after warm-up (`benchmarks.timing`), with the model's
+  default attention (fused SDPA where the model uses it), under `torch.no_grad()` and a fixed thread count; the
+  timed passes alternate between the models so that a busy machine slows all of them alike, and repeats that
+  spread widely are reported on stderr;
 - peak memory: the largest total size of live tensor storages created during one no-grad forward pass,
   counted exactly by a TorchDispatchMode (`PeakTensorMemory`). Parameters, the input and allocator overhead
   are not counted. Reported twice: with attention materialised (fused attention off, the setting behind the
@@ -19,9 +20,8 @@ width at each compressed grid.
 
 import argparse
 import importlib
-import statistics
-import time
 import weakref
+from functools import partial
 
 import timm
 import torch
@@ -29,6 +29,8 @@ from timm.layers import set_fused_attn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.timing import Timing, print_warnings, time_calls
 
 BASELINE = "vit_tiny_patch16_224"
 # Model name -> module that registers it with timm (None: timm's own model).
@@ -90,25 +92,15 @@ def build(name: str, size: int, fused: bool) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def latencies_ms(models: dict[str, torch.nn.Module], x: torch.Tensor, warmup: int, repeats: int,
-                 budget_s: float) -> dict[str, float]:
-    """Median forward time of each model. Timed runs are interleaved across the models (one pass of each per
-    round) so that load from other processes affects all of them alike; fewer rounds (at least 3) when one
-    round is slow, to stay near `budget_s`."""
-    round_s = 0.0
-    for model in models.values():
-        for _ in range(warmup):
-            start = time.perf_counter()
-            model(x)
-        round_s += time.perf_counter() - start
-    rounds = max(3, min(repeats, int(budget_s / max(round_s, 1e-6))))
-    times = {name: [] for name in models}
-    for _ in range(rounds):
-        for name, model in models.items():
-            start = time.perf_counter()
-            model(x)
-            times[name].append(time.perf_counter() - start)
-    return {name: 1000 * statistics.median(t) for name, t in times.items()}
+def latencies(models: dict[str, torch.nn.Module], x: torch.Tensor, warmup: int, repeats: int,
+              budget_s: float) -> dict[str, Timing]:
+    """Forward time of each model, the models interleaved (`time_calls`). One round after the warm-up sizes the
+    run: `repeats` rounds, fewer (down to 3) when a round is slow, to stay near `budget_s`."""
+    forwards = {name: partial(model, x) for name, model in models.items()}
+    first_round = time_calls(forwards, repeats=1, warmup=warmup)
+    round_s = sum(timing.minimum for timing in first_round.values())
+    rounds = min(repeats, max(3, int(budget_s / round_s)))
+    return time_calls(forwards, repeats=rounds, warmup=0)
 
 
 @torch.no_grad()
@@ -146,11 +138,12 @@ def measure(names: list[str], size: int, args: argparse.Namespace) -> dict[str, 
     """Latency, peak memory (eager and fused) and GMACs of every model at one input size."""
     x = torch.randn(1, 3, size, size)
     fused = {name: build(name, size, fused=True) for name in names}
-    results = {name: dict(latency=ms) for name, ms in
-               latencies_ms(fused, x, args.warmup, args.repeats, args.budget).items()}
+    timings = latencies(fused, x, args.warmup, args.repeats, args.budget)
+    results = {}
     for name in names:
         eager = build(name, size, fused=False)
-        results[name].update(memory_eager=peak_memory_mib(eager, x), memory_fused=peak_memory_mib(fused[name], x),
+        results[name] = dict(latency=1000 * timings[name].median, latency_timing=timings[name],
+                             memory_eager=peak_memory_mib(eager, x), memory_fused=peak_memory_mib(fused[name], x),
                              gmacs=gmacs(eager, x))
     return results
 
@@ -195,6 +188,7 @@ def main(argv: list[str] | None = None) -> None:
                   f"{row['memory_eager']:>11.1f}{row['memory_eager'] / base['memory_eager']:>7.2f}"
                   f"{row['memory_fused']:>11.1f}{row['memory_fused'] / base['memory_fused']:>7.2f}"
                   f"{row['gmacs']:>9.2f}{row['gmacs'] / base['gmacs']:>7.2f}", flush=True)
+            print_warnings(row["latency_timing"])
 
     if "lookupvit_tiny_patch16_224" in names:
         lookup_vs_vit(args.sizes)
