@@ -20,6 +20,7 @@ from vlm.processing import IMAGE_MARKER
 from vlm.prompts import CHAIR_PROMPT, COCO_CAPTION_PROMPT, SHORT_CAPTION_PROMPT, VQA_PROMPT_SUFFIX
 
 from .inference import Request, collect_image_paths, generate_answers, load_model
+from .shards import current_shard
 
 
 def add_model_arguments(parser, required: bool = True):
@@ -330,6 +331,8 @@ def eval_command(args) -> int:
     torch.manual_seed(args.seed)
     model_name = str(args.model.resolve())
     result, images = args.run(args, model, processor, generation_kwargs, model_name)
+    if not current_shard().is_main:  # one of several `accelerate launch` processes: the main one reports
+        return 0
     _compare_with_baseline(args, result)
     summary = write_report(args.out, args.task, result, model_name, generation_kwargs, images,
                            name=args.report_name(args))

@@ -6,6 +6,7 @@ the others of the batch are still answered. Prepared requests are left-padded in
 with Hugging Face `generate` (greedy, sampling or beam search; `mitigation=` is passed through).
 """
 
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,9 +38,12 @@ class Request:
 
 
 def resolve_device(device: str = "auto") -> torch.device:
-    """"auto" -> CUDA when available, else CPU; anything else is passed to `torch.device`."""
+    """"auto" -> CUDA when available (the process's own GPU under `accelerate launch`), else CPU; anything else
+    is passed to `torch.device`."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
         resolved = torch.device(device)
     except RuntimeError as error:

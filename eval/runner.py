@@ -9,9 +9,13 @@ The settings that produced the answers (model, prompt, decoding settings, mitiga
 JSON, `<answers file>.settings.json`, so the answers file itself keeps the plain format that the official
 scripts read (e.g. POPE's `question_id` + `answer`). A re-run with other settings refuses to mix answers
 unless told to overwrite.
+
+Under `accelerate launch` the requests are split across the processes (`eval.shards`): each appends to its own
+shard file, and the main process merges them into the answers file in request order.
 """
 
 import dataclasses
+import glob
 import hashlib
 import json
 import logging
@@ -21,6 +25,7 @@ from pathlib import Path
 from data.images import DEFAULT_MAX_PIXELS
 
 from .inference import Request, generate_answers
+from .shards import Shard, current_shard
 
 SETTINGS_SUFFIX = ".settings.json"
 
@@ -87,8 +92,8 @@ class AnswerStore:
         self.key_field = key_field
         self.settings = normalise_settings(settings)
         if overwrite:
-            self.path.unlink(missing_ok=True)
-            self.settings_path.unlink(missing_ok=True)
+            for path in [self.path, self.settings_path, *self.shard_files()]:
+                path.unlink(missing_ok=True)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._check_settings()
         self.records = self._load()
@@ -113,50 +118,88 @@ class AnswerStore:
         else:
             self.settings_path.write_text(json.dumps(self.settings, indent=1, sort_keys=True), encoding="utf-8")
 
-    def _load(self) -> dict:
-        """Answered records by key; rewrites the file without a truncated last line or error records."""
-        if not self.path.is_file():
-            return {}
-        raw = self.path.read_bytes()
-        lines = raw.split(b"\n")
-        complete, tail = lines[:-1], lines[-1]  # `tail` is a line cut short by a kill ("" after a final newline)
-        records, dirty = {}, bool(tail.strip())
+    def shard_path(self, rank: int) -> Path:
+        return self.path.with_name(f"{self.path.name}.rank{rank}")
+
+    def shard_files(self) -> list[Path]:
+        return sorted(self.path.parent.glob(glob.escape(self.path.name) + ".rank*"))
+
+    def _read(self, path: Path) -> tuple[list[dict], bool]:
+        """The complete records of a JSON Lines file, and whether its last line was cut short by a kill."""
+        lines = path.read_bytes().split(b"\n")
+        complete, tail = lines[:-1], lines[-1]  # "" after a final newline
+        records = []
         for number, line in enumerate(complete, start=1):
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise ValueError(f"{self.path}:{number}: invalid JSON ({error.msg}); fix or delete that line") from None
-            key = record.get(self.key_field)
-            if key is None:
-                raise ValueError(f"{self.path}:{number}: record has no {self.key_field!r} field")
-            if "error" in record:
-                dirty = True  # retried on this run
-                continue
-            if key in records:
-                raise ValueError(f"{self.path}:{number}: {self.key_field}={key!r} is answered twice "
-                                 "(were two runs writing to the same file?)")
-            records[key] = record
+                raise ValueError(f"{path}:{number}: invalid JSON ({error.msg}); fix or delete that line") from None
+            if record.get(self.key_field) is None:
+                raise ValueError(f"{path}:{number}: record has no {self.key_field!r} field")
+            records.append(record)
+        return records, bool(tail.strip())
+
+    def _write(self, records) -> None:
+        """Replace the answers file with `records` (atomically), and drop the shard files merged into it."""
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+        os.replace(temporary, self.path)
+        for path in self.shard_files():
+            path.unlink()
+
+    def _load(self) -> dict:
+        """Answered records by key. The shards of an interrupted sharded run are merged in, and the file is
+        rewritten without them, without a truncated last line and without error records (retried now)."""
+        records, dirty = {}, False
+        for path in ([self.path] if self.path.is_file() else []) + self.shard_files():
+            lines, cut = self._read(path)
+            dirty = dirty or cut or path != self.path
+            for record in lines:
+                key = record[self.key_field]
+                if "error" in record:
+                    dirty = True
+                elif key not in records:
+                    records[key] = record
+                elif path == self.path:
+                    raise ValueError(f"{self.path}: {self.key_field}={key!r} is answered twice "
+                                     "(were two runs writing to the same file?)")
         if dirty:
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records.values()),
-                                 encoding="utf-8")
-            os.replace(temporary, self.path)
+            self._write(records.values())
         return records
 
-    def append(self, records: list[dict]):
-        """Append records (one write, flushed and synced to disk); error records are written but not kept as done."""
+    def append(self, records: list[dict], shard: Shard | None = None):
+        """Append records (one write, flushed and synced to disk) to the answers file, or to this process's
+        shard file in a sharded run; error records are written but not kept as done."""
         if not records:
             return
+        path = self.shard_path(shard.rank) if shard is not None and shard.world_size > 1 else self.path
         text = "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
-        with open(self.path, "a", encoding="utf-8") as handle:
+        with open(path, "a", encoding="utf-8") as handle:
             handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         for record in records:
             if "error" not in record:
                 self.records[record[self.key_field]] = record
+
+    def merge_shards(self, keys: list) -> None:
+        """Main process, after a sharded run: the shards into the answers file, in request order (`keys` first,
+        answers of other requests after them), this run's errors included."""
+        merged = dict(self.records)
+        for path in self.shard_files():
+            for record in self._read(path)[0]:
+                key = record[self.key_field]
+                if "error" not in record or key not in merged:
+                    merged[key] = record
+        wanted = set(keys)
+        self._write([merged[key] for key in keys if key in merged]
+                    + [record for key, record in merged.items() if key not in wanted])
+
+    def every_record(self) -> dict:
+        """Every record of the answers file by key, error records included."""
+        return {record[self.key_field]: record for record in self._read(self.path)[0]} if self.path.is_file() else {}
 
 
 def run_requests(model, processor, requests: list[Request], answers_path, key_field: str, settings: dict,
@@ -172,8 +215,14 @@ def run_requests(model, processor, requests: list[Request], answers_path, key_fi
     if len(set(keys)) != len(keys):
         duplicate = next(key for key in keys if keys.count(key) > 1)
         raise ValueError(f"{key_field}={duplicate!r} appears more than once among the requests")
-    store = AnswerStore(answers_path, key_field, {**settings, "generation": generation_kwargs}, overwrite)
-    pending = [request for request in requests if request.record[key_field] not in store.records]
+    shard = current_shard()
+    settings = {**settings, "generation": generation_kwargs}
+    if shard.is_main:  # checks the settings, merges an interrupted run's shards: one process only
+        store = AnswerStore(answers_path, key_field, settings, overwrite)
+    shard.barrier(f"opening {answers_path}")
+    if not shard.is_main:
+        store = AnswerStore(answers_path, key_field, settings)
+    pending = shard.take([request for request in requests if request.record[key_field] not in store.records])
     missing = [image for request in pending for image in request.images
                if isinstance(image, (str, Path)) and not Path(image).is_file()]
     if missing:  # said before the long part starts; they are answered as errors, each naming its file
@@ -182,10 +231,17 @@ def run_requests(model, processor, requests: list[Request], answers_path, key_fi
             sum(len(request.images) for request in pending), missing[0])
     failed = {}
     for results in generate_answers(model, processor, pending, generation_kwargs, batch_size, max_pixels,
-                                    progress=progress):
-        store.append(results)
+                                    progress=progress and shard.is_main):
+        store.append(results, shard)
         failed.update({record[key_field]: record for record in results if "error" in record})
-    return [store.records.get(key) or failed[key] for key in keys]
+    if shard.world_size == 1:
+        return [store.records.get(key) or failed[key] for key in keys]
+    shard.barrier(f"answering into {answers_path}")
+    if shard.is_main:
+        store.merge_shards(keys)
+    shard.barrier(f"merging {answers_path}")
+    merged = store.every_record()
+    return [merged[key] for key in keys]
 
 
 def split_errors(records: list[dict]) -> tuple[list[dict], list[dict]]:

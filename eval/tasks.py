@@ -15,6 +15,7 @@ from .chair import evaluate_chair
 from .inference import Request
 from .pope import evaluate_pope
 from .runner import model_description, run_requests, split_errors
+from .shards import current_shard
 from .vqa import vqa_accuracy
 
 SHOWN_ERRORS = 10
@@ -103,7 +104,7 @@ def run_captions(model, processor, images: list[tuple], references: dict, answer
                                       overwrite, progress, model_name, task="captions")
     _require_answers(captions, errors, "image")
     candidates = {record["image_id"]: record["caption"] for record in captions}
-    if results_path is not None:
+    if results_path is not None and current_shard().is_main:
         write_caption_results(results_path, candidates)
     metrics = evaluate_captions(references, candidates, spice=spice)
     return with_errors({**metrics, "results_file": None if results_path is None else str(results_path)},

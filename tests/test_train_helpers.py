@@ -1,5 +1,7 @@
 """Shared pieces of the `test_train_*` files (no tests here): tiny scenes, a tiny saved model, tiny recipes."""
 
+import os
+import socket
 from pathlib import Path
 
 import torch
@@ -53,3 +55,14 @@ def save_tiny_model(folder):
     processor.save_pretrained(folder)
     return Path(folder)
 
+
+def run_env():
+    # one thread: deterministic and fast for tiny models; never a GPU
+    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+
+
+def free_port() -> int:
+    """A free TCP port for the rendezvous (the default 29500 may be taken by another run on the machine)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

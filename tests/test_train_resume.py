@@ -2,9 +2,7 @@
 a run under `accelerate launch` with 2 processes matches 1 process with the same global batch."""
 
 import json
-import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +13,7 @@ import pytest
 from train.checkpoint import latest_checkpoint
 from train.config import load_config
 from train.finetune import train
-from test_train_helpers import (DEMO_RECIPE, REPO, final_weights, make_scenes, save_tiny_model,
+from test_train_helpers import (DEMO_RECIPE, REPO, final_weights, free_port, make_scenes, run_env, save_tiny_model,
                                 tiny_overrides)
 
 STEPS = 16
@@ -35,18 +33,6 @@ def overrides(out_dir, scenes, *extra):
 
 def command(out_dir, scenes, *extra, launcher=(sys.executable, "-m", "train.finetune")):
     return [*launcher, "--config", str(DEMO_RECIPE), *overrides(out_dir, scenes, *extra)]
-
-
-def run_env():
-    # one thread: deterministic and fast for tiny models; never a GPU
-    return {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
-
-
-def free_port() -> int:
-    """A free TCP port for the rendezvous (the default 29500 may be taken by another run on the machine)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def max_difference(a, b):
