@@ -93,8 +93,17 @@ class CocoCaptionsDataset(Dataset):
         return [len(self.prompt) + round(sum(map(len, e["references"])) / len(e["references"])) for e in self.entries]
 
     def __getitem__(self, index: int) -> dict:
+        return self.draw_item(index, None)
+
+    def draw_item(self, index: int, rng=None) -> dict:
+        """The sample, its random reference caption drawn with `rng` (a numpy Generator; training passes one
+        seeded by the sample's draw) or, without one, with Python's `random`."""
         entry = self.entries[index]
-        answer = random.choice(entry["references"]) if self.random_caption else entry["references"][0]
+        references = entry["references"]
+        if not self.random_caption:
+            answer = references[0]
+        else:
+            answer = references[int(rng.integers(len(references)))] if rng is not None else random.choice(references)
         return {
             "id": entry["id"],
             "images": [load_image(entry["path"], self.max_pixels)],

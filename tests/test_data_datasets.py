@@ -220,3 +220,23 @@ def test_text_lengths_for_length_grouping(scenes):
     pope = PopeDataset(scenes["pope"]["train"]["random"], scenes["images"]["train"])
     with pytest.raises(ValueError, match="data.sources.2 \\(PopeDataset\\) has no text_lengths"):
         text_lengths(pope, 2)
+
+
+def test_random_captions_are_drawn_per_draw_not_per_process(tmp_path):
+    """The training mix draws a random reference caption with an RNG seeded by the sample's draw number: the same
+    (index, draw) gives the same caption in any order (any process, after a resume); other draws vary it."""
+    from train.data import TrainingMix
+
+    generate_scenes(tmp_path, 40, seed=0)
+    captions = CocoCaptionsDataset(tmp_path / "captions_train.json", tmp_path / "images" / "train",
+                                   random_caption=True)
+    mix = TrainingMix([captions], seed=0)
+    keys = [(index, draw) for draw, index in enumerate([0, 1, 2, 0, 1, 2] * 5)]
+
+    def answer(key):
+        return mix[key]["messages"][1]["content"]
+
+    forward, backward = [answer(key) for key in keys], [answer(key) for key in reversed(keys)][::-1]
+    assert forward == backward
+    assert len({answer((0, draw)) for draw in range(40)}) > 1  # the five references of image 0 all get drawn
+    assert mix[(0, 3)]["id"] == captions[0]["id"]

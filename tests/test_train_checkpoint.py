@@ -171,6 +171,11 @@ def test_mixture_weights_and_epochs():
     assert np.array_equal(order, mixture_epoch([10, 20], [2.0, 0.5], seed=0, epoch=0))
 
 
+def indices(batches):
+    """The sample indices of the sampler's `(index, draw)` batches."""
+    return [[index for index, _ in batch] for batch in batches]
+
+
 def test_sampler_resumes_mid_epoch_and_splits_global_batches():
     def batches(count=9, **kwargs):
         return list(itertools.islice(iter(ResumableBatchSampler([7, 6], [1.0, 1.0], 4, seed=3, **kwargs)), count))
@@ -178,9 +183,11 @@ def test_sampler_resumes_mid_epoch_and_splits_global_batches():
     whole = batches()
     assert batches(start_batch=5) == batches(count=14)[5:]  # resumes mid-epoch (3 batches per epoch)
     halves = [batches(rank=rank, world_size=2) for rank in (0, 1)]
-    assert [a + b for a, b in zip(*halves)] == whole
-    epoch0 = sorted(sum(whole[:3], []))
+    assert [a + b for a, b in zip(*halves)] == whole  # the same samples with the same draw numbers
+    epoch0 = sorted(sum(indices(whole[:3]), []))
     assert len(set(epoch0)) == 12  # no repeats inside an epoch
+    draws = [draw for batch in whole for _, draw in batch]
+    assert len(set(draws)) == len(draws)  # each draw numbered once, over epochs too
 
 
 def test_schedule_warmup_then_cosine():
@@ -196,7 +203,7 @@ def test_length_grouping_keeps_the_epoch_and_cuts_padding():
 
     def epoch(**kwargs):
         sampler = ResumableBatchSampler(sizes, weights, batch, seed=1, **kwargs)
-        return list(itertools.islice(iter(sampler), sampler.batches_per_epoch))
+        return indices(itertools.islice(iter(sampler), sampler.batches_per_epoch))
 
     plain, grouped = epoch(), epoch(lengths=lengths)
     # the same samples (the epoch's full batches), only rearranged into batches of similar length
@@ -209,8 +216,8 @@ def test_length_grouping_keeps_the_epoch_and_cuts_padding():
     # every batch keeps the mix of sources: 100 of 130 samples per epoch come from the first, so 6 or 7 of 8
     assert all(sum(index < 50 for index in b) in (6, 7) for b in grouped)
     assert epoch(lengths=lengths) == grouped  # seeded
-    resumed = list(itertools.islice(iter(ResumableBatchSampler(sizes, weights, batch, seed=1, lengths=lengths,
-                                                               start_batch=4)), 3))
+    resumed = indices(itertools.islice(iter(ResumableBatchSampler(sizes, weights, batch, seed=1, lengths=lengths,
+                                                                  start_batch=4)), 3))
     assert resumed == grouped[4:7]
     halves = [epoch(lengths=lengths, rank=rank, world_size=2) for rank in (0, 1)]
     assert [a + b for a, b in zip(*halves)] == grouped

@@ -2,7 +2,8 @@
 
 from itertools import islice
 
-from torch.utils.data import Subset
+import numpy as np
+from torch.utils.data import ConcatDataset, Subset
 
 from data.scene_folder import ScenesFolder
 
@@ -64,6 +65,27 @@ def build_dataset(source: DataSource, index: int = 0):
     if len(dataset) == 0:
         raise ValueError(f"data.sources.{index} ({source.kind} {source.path or source.split}) has no samples")
     return dataset
+
+
+class TrainingMix(ConcatDataset):
+    """The datasets of a recipe, indexed by the sampler's `(index, draw)` pairs. A dataset that varies a sample
+    per draw (a random reference caption: `draw_item`) gets an RNG seeded by (seed, draw), so the samples are the
+    same for any number of processes and after a resume."""
+
+    def __init__(self, datasets: list, seed: int):
+        super().__init__(datasets)
+        self.seed = seed
+
+    def __getitem__(self, key):
+        index, draw = key
+        source = int(np.searchsorted(self.cumulative_sizes, index, side="right"))
+        dataset = self.datasets[source]
+        index -= self.cumulative_sizes[source - 1] if source else 0
+        if isinstance(dataset, Subset):
+            dataset, index = dataset.dataset, dataset.indices[index]
+        if hasattr(dataset, "draw_item"):
+            return dataset.draw_item(index, np.random.default_rng([self.seed, draw]))
+        return dataset[index]
 
 
 def build_datasets(data: DataConfig) -> list:

@@ -27,7 +27,7 @@ from vlm.processing import IGNORE_INDEX
 
 from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
 from .config import TrainConfig, add_arguments, config_from_args, save_config
-from .data import build_datasets, conversation_texts, make_collate, text_lengths
+from .data import TrainingMix, build_datasets, conversation_texts, make_collate, text_lengths
 from .lora import has_lora, merge_lora, save_adapter
 from .metrics import MetricsLogger, plot_loss_curve
 from .modelbuild import build_model, build_tokenizer
@@ -319,7 +319,7 @@ def _train(config: TrainConfig, datasets) -> Path:
         lengths=lengths,
     )
     loader = torch.utils.data.DataLoader(
-        torch.utils.data.ConcatDataset(datasets), batch_sampler=sampler, num_workers=config.data.num_workers,
+        TrainingMix(datasets, config.seed), batch_sampler=sampler, num_workers=config.data.num_workers,
         collate_fn=partial(make_collate(processor, config.data.max_length or processor.max_length).split_by_length,
                            parts=config.data.split_by_length),
         # its own generator: creating the iterator must not draw from the global RNG that the checkpoint restores

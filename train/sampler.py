@@ -3,7 +3,9 @@
 Each epoch's order is a pure function of (seed, epoch), so a resumed run can skip exactly the batches
 it already consumed instead of replaying a data loader. Processes split every global batch: process `r`
 of `n` takes the `r`-th slice, so one process with batch `n*b` sees the same samples per step as `n`
-processes with batch `b`.
+processes with batch `b`. Each sample comes with its draw number (its place in the whole training order), which
+seeds whatever a dataset varies per draw (`train.data.TrainingMix`): the same for any number of processes and
+after a resume.
 """
 
 import numpy as np
@@ -57,9 +59,10 @@ def group_by_length(order: np.ndarray, lengths: np.ndarray, sources: np.ndarray,
 
 
 class ResumableBatchSampler:
-    """Yields this process's index lists, one global batch after the other, epoch after epoch, forever,
+    """Yields this process's `(index, draw)` lists, one global batch after the other, epoch after epoch, forever,
     starting at global batch number `start_batch` (counted from the start of training, so a resumed run
-    passes the number of batches it consumed). Incomplete global batches at an epoch's end are dropped.
+    passes the number of batches it consumed). `index` is into the concatenated datasets, `draw` numbers the
+    sample's place in the training order. Incomplete global batches at an epoch's end are dropped.
     With `lengths` (one per sample of the concatenated datasets) batches are grouped by length."""
 
     def __init__(self, sizes: list[int], weights: list[float], global_batch_size: int, seed: int,
@@ -92,7 +95,9 @@ class ResumableBatchSampler:
             if self.lengths is not None:
                 order = group_by_length(order, self.lengths, self.sources, self.global_batch_size,
                                         np.random.default_rng([self.seed, epoch, 1]))
+            first_draw = epoch * len(order)
             for number in range(batch, self.batches_per_epoch):
                 start = number * self.global_batch_size + self.rank * local
-                yield order[start:start + local].tolist()
+                yield [(index, first_draw + position) for position, index in
+                       enumerate(order[start:start + local].tolist(), start=start)]
             epoch, batch = epoch + 1, 0
