@@ -7,7 +7,7 @@ Training, evaluation and the demo find these files through a `ScenesFolder`.
 """
 
 import json
-from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 
@@ -15,12 +15,9 @@ def scene_image_name(image_id: int, image_format: str) -> str:
     return f"{int(image_id):012d}.{image_format}"
 
 
-@dataclass(frozen=True)
 class ScenesFolder:
-    root: Path
-
     def __init__(self, root):
-        object.__setattr__(self, "root", Path(root))
+        self.root = Path(root)
 
     def images(self, split: str) -> Path:
         return self.root / "images" / split
@@ -28,7 +25,7 @@ class ScenesFolder:
     def image(self, split: str, image_id: int) -> Path:
         return self.images(split) / scene_image_name(image_id, self.image_format)
 
-    @property
+    @cached_property
     def image_format(self) -> str:
         """"png" or "jpg", as the folder's `scene_config.json` records (`SceneConfig.image_format`)."""
         return self.scene_config().get("image_format", "png")

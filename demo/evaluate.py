@@ -11,7 +11,12 @@ from PIL import Image
 
 from data.images import load_image
 from data.scene_folder import ScenesFolder
-from vlm.processing import IMAGE_MARKER
+from eval.inference import user_prompt
+
+
+def _detail_request(processor) -> str:
+    """The model's own detail-description prompt (its CHAIR convention), with the image marker in front."""
+    return user_prompt(processor.prompts["chair"], num_images=1)
 
 
 def most_common_caption_baseline(scenes: Path, references: dict) -> dict:
@@ -96,14 +101,14 @@ def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None
     model = VisionLanguageModel.from_pretrained(model_dir).eval()
     processor = VLMProcessor.from_pretrained(model_dir)
     images = [load_image(path) for path in sorted(ScenesFolder(scenes).images("val").iterdir())[:num_images]]
-    stats = calibrate_mitigation_stats(model, processor, images, prompt=f"{IMAGE_MARKER}\n{processor.prompts['chair']}")
+    stats = calibrate_mitigation_stats(model, processor, images, prompt=_detail_request(processor))
     save_mitigation_stats(stats, model_dir)
 
 
 @torch.no_grad()
 def check_mitigation(model, processor, method: str) -> None:
     """Raise the method's own error if it cannot run on this model (one tiny generate)."""
-    inputs = processor(images=[Image.new("RGB", (8, 8))], text=[f"{IMAGE_MARKER}\n{processor.prompts['chair']}"])
+    inputs = processor(images=[Image.new("RGB", (8, 8))], text=[_detail_request(processor)])
     model.generate(**inputs, max_new_tokens=1, do_sample=False, mitigation=[method], processor=processor)
 
 
@@ -114,7 +119,7 @@ def decode_speed(model, processor, images: list[tuple], mitigation, new_tokens: 
     from benchmarks.timing import decode_seconds_per_token
 
     inputs = processor(images=[load_image(path) for _, path in images],
-                       text=[f"{IMAGE_MARKER}\n{processor.prompts['chair']}"] * len(images))
+                       text=[_detail_request(processor)] * len(images))
     kwargs = {"mitigation": mitigation, "processor": processor} if mitigation else {}
     return decode_seconds_per_token(
         lambda streamer: model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
@@ -127,7 +132,7 @@ def attention_picture(model, processor, image_entry: tuple, vocabulary, out_dir:
     from eval.chair import extract_objects
 
     image = load_image(image_entry[1])
-    inputs = processor(images=[image], text=[f"{IMAGE_MARKER}\n{processor.prompts['chair']}"])
+    inputs = processor(images=[image], text=[_detail_request(processor)])
     sequences = model.generate(**inputs, max_new_tokens=40, do_sample=False)
     prompt_length = inputs["input_ids"].shape[1]
     new_ids = sequences[0, prompt_length:].tolist()

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from data.scene_folder import ScenesFolder
-from eval.report import markdown_table, write_document
+from eval.report import format_change, markdown_table, write_document
 
 
 def pct(value) -> str:
@@ -36,12 +36,6 @@ MITIGATION_COLUMNS = ["mitigation", "adv. POPE acc", "Δ acc [95% CI]", "F1", "y
                       "time/token"]
 
 
-def _paired(change: dict) -> str:
-    """A change in points with its paired 95% interval, marked when the interval holds 0 (within noise)."""
-    low, high = (100 * value for value in change["ci95"])
-    return f"{100 * change['change']:+.1f} [{low:+.1f}, {high:+.1f}]" + (" (noise)" if change["within_noise"] else "")
-
-
 def _mitigation_rows(results: dict) -> list[list[str]]:
     from eval.chair import paired_chair_changes
     from eval.pope import paired_pope_changes
@@ -59,8 +53,8 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
         plain_pope, plain_chair = runs["none"]["pope_adversarial"], runs["none"]["chair"]
         accuracy_change = chair_i_change = ""
         if name != "none":  # paired over the same questions and images as plain decoding
-            accuracy_change = _paired(paired_pope_changes(plain_pope, pope)["accuracy"])
-            chair_i_change = _paired(paired_chair_changes(plain_chair, chair)["chair_i"])
+            accuracy_change = format_change(paired_pope_changes(plain_pope, pope)["accuracy"], points=True)
+            chair_i_change = format_change(paired_chair_changes(plain_chair, chair)["chair_i"], points=True)
         rows.append([name, pct(pope["accuracy"]), accuracy_change, pct(pope["f1"]), pct(pope["yes_ratio"]),
                      str(pope["fp"]), _claimed(pope["cooccurrence_probes"]), pct(chair["chair_s"]),
                      pct(chair["chair_i"]), chair_i_change, pct(chair["recall"]),

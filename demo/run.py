@@ -49,7 +49,8 @@ def run_demo(out: Path, backbone: str = DEFAULT_BACKBONE, attention_mode: str = 
     settings = {"backbone": backbone, "attention_mode": attention_mode, "seed": seed, "steps": steps,
                 "images": num_images, "train_dir": str(train_dir), "model_dir": str(model_dir),
                 "train_seconds": train_seconds, "reused_training": reused,
-                "llm_layers": config.model.vlm["text_config"]["num_hidden_layers"], "chair_prompt": config.model.prompts["chair"],
+                "llm_layers": config.model.vlm["text_config"]["num_hidden_layers"],
+                "chair_prompt": config.model.prompts["chair"],
                 "total_seconds": time.perf_counter() - started}
     write_report(out, results, settings, scenes)
     return {"settings": settings, "results": results}
@@ -74,8 +75,8 @@ def compare_all(out: Path, minutes: float, seed: int, num_images: int, progress:
         rows.append([backbone, mode, pct(pope["random"]["accuracy"]), pct(pope["adversarial"]["accuracy"]),
                      pct(chair["chair_i"]), f"{result['settings']['train_seconds']:.0f}", f"{params / 1e6:.2f}M",
                      str(model.num_image_tokens)])
-    table = markdown_table(["backbone", "attention mode", "POPE random acc", "POPE adv. acc", "CHAIR_I", "train s", "params",
-                    "image tokens"], rows)
+    table = markdown_table(["backbone", "attention mode", "POPE random acc", "POPE adv. acc", "CHAIR_I", "train s",
+                            "params", "image tokens"], rows)
     (out / "comparison.md").write_text(f"# Backbones and attention modes, {steps} steps each\n\n{table}\n")
     print(table)
     return rows

@@ -227,9 +227,13 @@ def _with_interval(row: dict, key: str) -> str:
     return f"{row[key]:.4f}" + (f" [{interval[0]:.4f}, {interval[1]:.4f}]" if interval else "")
 
 
-def _change(change: dict) -> str:
-    low, high = change["ci95"]
-    return f"{change['change']:+.4f} [{low:+.4f}, {high:+.4f}]" + (" (noise)" if change["within_noise"] else "")
+def format_change(change: dict, points: bool = False) -> str:
+    """A change from a baseline with its paired 95% interval, "(noise)" when the interval holds 0; `points`:
+    as percentage points with one decimal, else as the raw difference with four."""
+    scale, digits = (100, 1) if points else (1, 4)
+    low, high = (scale * value for value in change["ci95"])
+    return (f"{scale * change['change']:+.{digits}f} [{low:+.{digits}f}, {high:+.{digits}f}]"
+            + (" (noise)" if change["within_noise"] else ""))
 
 
 def headline_markdown(task: str, table: dict) -> str:
@@ -250,7 +254,7 @@ def headline_markdown(task: str, table: dict) -> str:
         if changes:
             keys = CHANGE_HEADLINE[task]
             parts.append("Change from the baseline run (95% interval paired over the same questions):\n\n"
-                         + markdown_table(["split", *keys, "n"], [[name, *(_change(row[key]) for key in keys),
+                         + markdown_table(["split", *keys, "n"], [[name, *(format_change(row[key]) for key in keys),
                                                                    str(row["n"])] for name, row in changes.items()]))
         return "\n\n".join(parts)
     if task == "chair":
@@ -260,7 +264,7 @@ def headline_markdown(task: str, table: dict) -> str:
         if changes:
             parts.append("Change from the baseline run (95% interval paired over the same images):\n\n"
                          + markdown_table(["metric", "change [95% CI]"],
-                                          [[key, _change(changes[key])] for key in CHANGE_HEADLINE[task]]
+                                          [[key, format_change(changes[key])] for key in CHANGE_HEADLINE[task]]
                                           + [["n", str(changes["n"])]]))
         return "\n\n".join(parts)
     return markdown_table(["metric", "value"], [[key, f"{value:.4f}" if isinstance(value, float) else str(value)]

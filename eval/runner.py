@@ -149,25 +149,31 @@ class AnswerStore:
         for path in self.shard_files():
             path.unlink()
 
-    def _load(self) -> dict:
-        """Answered records by key. The shards of an interrupted sharded run are merged in, and the file is
-        rewritten without them, without a truncated last line and without error records (retried now)."""
+    def _read_all(self) -> tuple[dict, bool]:
+        """Every record by key, from the answers file and then the shards of a sharded run (an answer wins over
+        an error record of the same request), and whether the file needs rewriting (shards to merge, a line cut
+        short by a kill)."""
         records, dirty = {}, False
         for path in ([self.path] if self.path.is_file() else []) + self.shard_files():
             lines, cut = self._read(path)
             dirty = dirty or cut or path != self.path
             for record in lines:
                 key = record[self.key_field]
-                if "error" in record:
-                    dirty = True
-                elif key not in records:
+                if key not in records or "error" in records[key]:
                     records[key] = record
-                elif path == self.path:
+                elif path == self.path and "error" not in record:
                     raise ValueError(f"{self.path}: {self.key_field}={key!r} is answered twice "
                                      "(were two runs writing to the same file?)")
-        if dirty:
-            self._write(records.values())
-        return records
+        return records, dirty
+
+    def _load(self) -> dict:
+        """Answered records by key. The shards of an interrupted sharded run are merged in, and the file is
+        rewritten without them, without a truncated last line and without error records (retried now)."""
+        records, dirty = self._read_all()
+        answered = {key: record for key, record in records.items() if "error" not in record}
+        if dirty or len(answered) < len(records):
+            self._write(answered.values())
+        return answered
 
     def append(self, records: list[dict], shard: Shard | None = None):
         """Append records (one write, flushed and synced to disk) to the answers file, or to this process's
@@ -184,22 +190,18 @@ class AnswerStore:
             if "error" not in record:
                 self.records[record[self.key_field]] = record
 
-    def merge_shards(self, keys: list) -> None:
+    def merge_shards(self, keys: list) -> dict:
         """Main process, after a sharded run: the shards into the answers file, in request order (`keys` first,
-        answers of other requests after them), this run's errors included."""
-        merged = dict(self.records)
-        for path in self.shard_files():
-            for record in self._read(path)[0]:
-                key = record[self.key_field]
-                if "error" not in record or key not in merged:
-                    merged[key] = record
+        answers of other requests after them), this run's errors included; returns every record by key."""
+        records, _ = self._read_all()
         wanted = set(keys)
-        self._write([merged[key] for key in keys if key in merged]
-                    + [record for key, record in merged.items() if key not in wanted])
+        self._write([records[key] for key in keys if key in records]
+                    + [record for key, record in records.items() if key not in wanted])
+        return records
 
     def every_record(self) -> dict:
         """Every record of the answers file by key, error records included."""
-        return {record[self.key_field]: record for record in self._read(self.path)[0]} if self.path.is_file() else {}
+        return self._read_all()[0]
 
 
 def run_requests(model, processor, requests: list[Request], answers_path, key_field: str, settings: dict,
@@ -238,9 +240,10 @@ def run_requests(model, processor, requests: list[Request], answers_path, key_fi
         return [store.records.get(key) or failed[key] for key in keys]
     shard.barrier(f"answering into {answers_path}")
     if shard.is_main:
-        store.merge_shards(keys)
+        merged = store.merge_shards(keys)
     shard.barrier(f"merging {answers_path}")
-    merged = store.every_record()
+    if not shard.is_main:
+        merged = store.every_record()
     return [merged[key] for key in keys]
 
 

@@ -120,6 +120,11 @@ def test_pope_change_from_a_baseline_run_with_paired_intervals(shared_data, tmp_
                  "--baseline", str(tmp_path / "plain" / "pope_details.json")]) == 0
     same = json.loads(capsys.readouterr().out)["versus_baseline"]["random"]["accuracy"]
     assert same == {"change": 0.0, "ci95": [0.0, 0.0], "within_noise": True}
+    report = (tmp_path / "again" / "pope_report.md").read_text()  # the markdown report shows the same change
+    assert "| random | +0.0000 [+0.0000, +0.0000] (noise) |" in report
+    better_report = (tmp_path / "better" / "pope_report.md").read_text()
+    random_accuracy = changes["random"]["accuracy"]
+    assert f"| random | {random_accuracy['change']:+.4f} [{random_accuracy['ci95'][0]:+.4f}, " in better_report
     summary = json.loads((tmp_path / "again" / "pope_summary.json").read_text())
     assert summary["result"]["versus_baseline"]["baseline"].endswith("pope_details.json")
     assert main([*common, "--answers", *map(str, plain), "--out", str(tmp_path / "x"),

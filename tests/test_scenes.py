@@ -249,3 +249,30 @@ def test_command_line(tmp_path, capsys):
     assert args.func(args) == 0
     assert len(read_pope_file(tmp_path / "pope" / "pope_adversarial.json")) % 6 == 0
     assert "images/s" in capsys.readouterr().out
+
+
+def test_scenes_folder_finds_every_file_in_either_image_format(tmp_path):
+    """`ScenesFolder` is the one owner of the layout: the paths `generate_scenes` reports are the folder's, and an
+    image is found under the format the folder was generated with (a JPEG folder too)."""
+    from PIL import Image
+
+    from data.scene_folder import ScenesFolder
+    from data.scenes import SceneConfig, generate_scenes
+
+    for image_format in ("png", "jpg"):
+        root = tmp_path / image_format
+        paths = generate_scenes(root, 20, seed=0, config=SceneConfig(image_format=image_format))
+        folder = ScenesFolder(root)
+        assert folder.image_format == image_format and folder.is_generated()
+        for split in paths["instances"]:
+            assert (paths["instances"][split], paths["captions"][split], paths["conversations"][split]) == (
+                folder.instances(split), folder.captions(split), folder.conversations(split))
+            assert paths["pope"][split] == {strategy: folder.pope(split, strategy) for strategy in paths["pope"][split]}
+            first = json.loads(folder.instances(split).read_text())["images"][0]
+            with Image.open(folder.image(split, first["id"])) as image:
+                assert image.format == {"png": "PNG", "jpg": "JPEG"}[image_format]
+                assert folder.image(split, first["id"]).name == first["file_name"]
+    missing = ScenesFolder(tmp_path / "none")
+    assert not missing.is_generated()
+    with pytest.raises(FileNotFoundError, match="vlm data scenes --out"):
+        missing.scene_config()

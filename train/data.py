@@ -19,14 +19,11 @@ def _require(source: DataSource, index: int, *names):
             raise ValueError(f"data.sources.{index} (kind {source.kind}) needs '{name}'")
 
 
-def _scenes_folder(source: DataSource, index: int, annotations: str) -> ScenesFolder:
-    """The scenes folder of a source, with its `annotations` ("conversations" or "captions") of the split."""
-    folder = ScenesFolder(source.path)
+def _require_scenes_file(folder: ScenesFolder, index: int, path) -> None:
     try:
-        folder.require(getattr(folder, annotations)(source.split))
+        folder.require(path)
     except FileNotFoundError as missing:
         raise FileNotFoundError(f"data.sources.{index}: {missing}") from None
-    return folder
 
 
 def build_dataset(source: DataSource, index: int = 0):
@@ -35,14 +32,16 @@ def build_dataset(source: DataSource, index: int = 0):
         from data.llava import LlavaConversationDataset
 
         _require(source, index, "path")
-        folder = _scenes_folder(source, index, "conversations")
+        folder = ScenesFolder(source.path)
+        _require_scenes_file(folder, index, folder.conversations(source.split))
         dataset = LlavaConversationDataset(folder.conversations(source.split), folder.images(source.split),
                                            **source.options)
     elif source.kind == "scene_captions":
         from data.coco import CocoCaptionsDataset
 
         _require(source, index, "path")
-        folder = _scenes_folder(source, index, "captions")
+        folder = ScenesFolder(source.path)
+        _require_scenes_file(folder, index, folder.captions(source.split))
         dataset = CocoCaptionsDataset(folder.captions(source.split), folder.images(source.split), **source.options)
     elif source.kind == "easyvqa":
         from data.easyvqa import EasyVQADataset

@@ -90,8 +90,8 @@ def read_checkpoint(path: str) -> dict:
 
 def load_official_weights(model: nn.Module, path: str, filter_fn: Callable[[dict, nn.Module], dict]) -> None:
     """Our families' `load_pretrained`: timm calls it for every source of their weights (a file, a URL, the Hub;
-    `custom_load` in their pretrained configs), because timm's own file reader unwraps a checkpoint itself and
-    prefers `model_ema`, before the family filter runs. Here the file is read safely, and timm's loader then runs
+    `build_backbone` sets `custom_load`), because timm's own file reader unwraps a checkpoint itself and prefers
+    `model_ema`, before the family filter runs. Here the file is read safely, and timm's loader then runs
     on the state dict as usual (the filter picks the weights by `chosen_weights`, classifier and input channels
     are adapted, loading is strict)."""
     cfg = dict(model.pretrained_cfg, state_dict=read_checkpoint(path), file=None, url=None, source=None,
