@@ -1,7 +1,7 @@
 """`generate` with mitigation methods switched on for one call, and everything undone afterwards.
 
 Each method writes its part into a `registry.Plan` (its own file says what); the plan then runs in a fixed
-order: attention edits (PAI/PAINT/VAR) first, so VHR's head selection pass already sees them; then VHR
+order: the visual-token exit's layer hooks; attention edits (PAI/PAINT/VAR) first, so VHR's head selection pass already sees them; then VHR
 selects its heads and installs its scaling hooks; a contrastive method adds its branch as a logits
 processor. An `ExitStack` removes every hook and restores the attention implementation when generation ends,
 also after an exception.
@@ -18,6 +18,7 @@ from .contrastive import INPUT_NAMES, ContrastBranch
 from .model_parts import decoder_layers, image_positions, is_suite_model
 from .registry import METHODS, Plan, check_supported
 from .spec import resolve_mitigation
+from .token_exit import VisualTokenExit
 from .vhr import HeadReinforcement
 
 
@@ -50,6 +51,8 @@ def mitigated_generate(model, mitigation, generate, *args, processor=None, **kwa
     for name, options in methods.items():
         METHODS[name].install(plan, options)
     with ExitStack() as stack:
+        if plan.exit_layer is not None:
+            stack.enter_context(VisualTokenExit(model, plan.exit_layer))
         if plan.boost is not None or plan.var is not None:
             kind, boost = plan.boost or ("pai", None)
             stack.enter_context(AttentionEdits(model, boost=boost, boost_kind=kind, var=plan.var,

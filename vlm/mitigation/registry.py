@@ -1,9 +1,11 @@
 """The mitigation methods' registry: what each method is, and what it adds to a mitigated `generate` call.
 
-Each method has its own file (`vhr.py`, `pai.py`, `paint.py`, `var.py`, `vcd.py`, `icd.py`, `lqcd.py`) that
+Each method has its own file (`vhr.py`, `pai.py`, `paint.py`, `var.py`, `vcd.py`, `icd.py`, `lqcd.py`, and the
+efficiency method `token_exit.py`) that
 registers one `Method`: its description, its options and their defaults, its default layers for a model's
 depth, and `install(plan, options)`, which writes its part into the call's `Plan`. `generation.py` then runs the
-plan in a fixed order: the attention edits (PAI or PAINT, VAR), VHR's head selection, the contrast branch.
+plan in a fixed order: the visual-token exit, the attention edits (PAI or PAINT, VAR), VHR's head selection, the
+contrast branch.
 """
 
 from dataclasses import dataclass, field
@@ -28,6 +30,7 @@ class Plan:
     vhr: dict | None = None
     contrast: tuple[dict, float, float] | None = None  # (contrast inputs, alpha, beta) of the second branch
     contrast_by: str | None = None
+    exit_layer: int | None = None  # visual-token exit: the first decoder layer without image tokens
 
     def set_contrast(self, method: str, inputs: dict, alpha: float, beta: float):
         if self.contrast is not None:  # check_options refuses such combinations first

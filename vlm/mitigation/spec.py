@@ -7,12 +7,12 @@ A spec is a name (`"vhr"`), a list of names (`["vhr", "pai"]`), a dict of name -
 filled in for the model's depth.
 """
 
-from . import icd, lqcd, pai, paint, var, vcd, vhr  # noqa: F401  (each registers its method)
+from . import icd, lqcd, pai, paint, token_exit, var, vcd, vhr  # noqa: F401  (each registers its method)
 from .registry import METHODS
 
 # Each method's file holds its defaults (after `shared/reference/hallucination.md`); `layers=None` means "the
 # method's default layers for this depth" (see `default_layers`). `vlm list mitigations` and the docs use this order.
-ORDER = ("vhr", "pai", "paint", "var", "vcd", "icd", "lqcd")
+ORDER = ("vhr", "pai", "paint", "var", "vcd", "icd", "lqcd", "exit")
 METHOD_DEFAULTS = {name: METHODS[name].defaults for name in ORDER}
 METHOD_DESCRIPTIONS = {name: METHODS[name].description for name in ORDER}
 
@@ -122,6 +122,8 @@ def resolve_mitigation(spec, num_layers: int, num_beams: int = 1) -> dict:
     for name, options in resolved.items():
         if "layers" in options:
             options["layers"] = _check_layers(name, options["layers"], num_layers)
+    if "exit" in resolved:
+        _check_exit(resolved, num_layers)
     if "var" in resolved:
         for name in ("pai", "paint"):
             shared = sorted(set(resolved["var"]["layers"]) & set(resolved.get(name, {}).get("layers", [])))
@@ -131,9 +133,29 @@ def resolve_mitigation(spec, num_layers: int, num_beams: int = 1) -> dict:
     return resolved
 
 
+def _check_exit(resolved: dict, num_layers: int):
+    """The exit layer (default: half the depth) in [1, num_layers], and no method reading image attention at or
+    above it: there are no image keys left to read (the contrastive methods need none). Layer 0 keeps every
+    token, as generation counts the sequence in layer 0's cache (and an image no layer sees would be pointless)."""
+    layer = resolved["exit"]["layer"]
+    layer = max(1, num_layers // 2) if layer is None else layer
+    if not isinstance(layer, int) or not 1 <= layer <= num_layers:
+        raise ValueError(f"mitigation 'exit': layer={layer!r} must be an int in [1, {num_layers}] for a "
+                         f"{num_layers}-layer LLM ({num_layers}: no exit)")
+    resolved["exit"]["layer"] = layer
+    for name, options in resolved.items():
+        above = [index for index in options.get("layers") or [] if index >= layer]
+        if name != "exit" and above:
+            raise ValueError(f"{name} works on image attention in layers {above}, at or above the visual-token exit "
+                             f"at layer {layer}, where no image tokens are left: give {name} layers below {layer} "
+                             "or exit later")
+
+
 def _check_layers(name, layers, num_layers):
     if layers is None:
         return default_layers(name, num_layers)
+    if isinstance(layers, int):  # `layers=3` on the command line: one layer
+        layers = [layers]
     layers = sorted({int(layer) for layer in layers})
     bad = [layer for layer in layers if not 0 <= layer < num_layers]
     if bad:

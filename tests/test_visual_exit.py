@@ -1,0 +1,167 @@
+"""Visual-token exit: dropping the image tokens from layer k on computes exactly what the full model computes when,
+from layer k on, no query may attend to an image key (checked against that masked model, with eager attention, on
+our model and each Hugging Face family); the cache keeps no image entries above the exit; cached equals uncached;
+exit after the last layer is plain generate; methods needing image attention above the exit are refused."""
+
+import pytest
+import torch
+from PIL import Image
+
+from vlm.mitigation import generate_with_mitigation, resolve_mitigation
+from vlm.mitigation.model_parts import decoder_layers, image_positions, text_decoder
+from vlm.mitigation.token_exit import pack_kept
+from vlm.testing import TINY_HF_FAMILIES, tiny_hf_vlm, tiny_vlm
+
+RED, GRADIENT = Image.new("RGB", (40, 30), (200, 30, 30)), Image.linear_gradient("L").convert("RGB").resize((36, 36))
+GREEDY = {"max_new_tokens": 5, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+
+def suite_batch(attention_mode="causal"):
+    """Our model; a left-padded batch whose rows hold one and two images."""
+    model, processor = tiny_vlm(attention_mode=attention_mode, seed=3)
+    prompts = ["<image>\nWhat is in the picture?", "<image> and <image>: which one is red?"]
+    return model, processor(images=[RED, RED, GRADIENT], text=prompts)
+
+
+def hf_batch(family):
+    from vlm.hf_models import ChatProcessor
+
+    model, processor = tiny_hf_vlm(family, seed=2)
+    chat = ChatProcessor(processor)
+    prompts, images = ["<image>\nIs there a star?", "<image>\nDescribe the image in detail please."], [RED, GRADIENT]
+    encoded = [chat.encode_prompt([{"role": "user", "content": p}], [image]) for p, image in zip(prompts, images)]
+    return model, chat.collate(encoded, images)
+
+
+class ImageKeysBlocked:
+    """The reference: the full model, whose layers >= `layer` give every query an additive mask blocking the
+    prefill's image keys. Needs eager attention (an explicit float mask at every step)."""
+
+    def __init__(self, model, layer, image):
+        self.model, self.layer, self.image, self.hooks = model, layer, image, []
+
+    def hook(self, module, args, kwargs):
+        mask = kwargs["attention_mask"]
+        assert mask is not None and mask.dtype.is_floating_point
+        keys = torch.nn.functional.pad(self.image, (0, mask.shape[-1] - self.image.shape[1]))
+        kwargs["attention_mask"] = mask.masked_fill(keys[:, None, None, :], torch.finfo(mask.dtype).min)
+        return args, kwargs
+
+    def __enter__(self):
+        self.hooks = [layer.register_forward_pre_hook(self.hook, with_kwargs=True)
+                      for layer in decoder_layers(self.model)[self.layer:]]
+        return self
+
+    def __exit__(self, *exc):
+        for hook in self.hooks:
+            hook.remove()
+
+
+def reference_generate(model, inputs, layer, **kwargs):
+    image = image_positions(model, inputs["input_ids"], None)  # the placeholders
+    decoder = text_decoder(model)
+    original = decoder.config._attn_implementation
+    decoder.set_attn_implementation("eager")
+    try:
+        with ImageKeysBlocked(model, layer, image):
+            return model.generate(**inputs, **kwargs)
+    finally:
+        decoder.set_attn_implementation(original)
+
+
+def assert_same_generation(ours, theirs, atol=1e-4):
+    assert torch.equal(ours.sequences, theirs.sequences)
+    for a, b in zip(ours.logits, theirs.logits):
+        torch.testing.assert_close(a, b, atol=atol, rtol=atol)
+
+
+def test_pack_kept_packs_each_row_to_the_right():
+    keep = torch.tensor([[True, False, True, True], [False, True, False, False]])
+    index, valid = pack_kept(keep)
+    assert index.tolist() == [[0, 2, 3], [0, 0, 1]] and valid.tolist() == [[True, True, True], [False, False, True]]
+
+
+@pytest.mark.parametrize("attention_mode", ["causal", "modality_mutual", "bidirectional_visual"])
+def test_exit_equals_blocking_image_keys_on_our_model(attention_mode, layer=1):
+    model, inputs = suite_batch(attention_mode)
+    theirs = reference_generate(model, inputs, layer, **GREEDY)
+    for use_cache in (True, False):  # cached decode steps and forwards re-running prompt and answer
+        ours = model.generate(**inputs, **GREEDY, use_cache=use_cache, mitigation={"exit": {"layer": layer}})
+        assert_same_generation(ours, theirs)
+
+
+def test_exit_differs_from_plain_and_after_the_last_layer_is_plain():
+    model, inputs = suite_batch()
+    plain = model.generate(**inputs, **GREEDY)
+    last = model.generate(**inputs, **GREEDY, mitigation="exit:layer=2")  # the tiny LLM has 2 layers
+    assert_same_generation(last, plain, atol=0)
+    early = model.generate(**inputs, **GREEDY, mitigation="exit:layer=1")
+    assert not torch.allclose(early.logits[0], plain.logits[0], atol=1e-3)
+
+
+def test_the_cache_holds_no_image_entries_above_the_exit():
+    model, inputs = suite_batch()
+    image = inputs["input_ids"] == model.config.image_token_id
+    out = model.generate(**inputs, **GREEDY, mitigation="exit:layer=1")
+    length = inputs["input_ids"].shape[1] + GREEDY["max_new_tokens"] - 1  # the last token is never fed back
+    kept = int((~image).sum(1).max())  # rows packed to the longest: the one-image row
+    assert out.past_key_values.layers[0].keys.shape[-2] == length
+    assert out.past_key_values.layers[1].keys.shape[-2] == length - (inputs["input_ids"].shape[1] - kept)
+    assert int(image.sum(1).min()) > 0 and image.sum(1).tolist()[0] != image.sum(1).tolist()[1]
+
+
+def test_hooks_are_removed():
+    model, inputs = suite_batch()
+    count = sum(len(m._forward_pre_hooks) for m in model.modules())
+    model.generate(**inputs, max_new_tokens=2, mitigation="exit:layer=1")
+    assert sum(len(m._forward_pre_hooks) for m in model.modules()) == count
+
+
+def test_exit_with_a_contrast_branch_composes_and_the_branch_exits_too():
+    """VCD's branch has its own cache, so it exits with its own kept tokens: compared with VCD on the masked model."""
+    model, inputs = suite_batch()
+    image = image_positions(model, inputs["input_ids"], None)
+    decoder = text_decoder(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        with ImageKeysBlocked(model, 1, image):
+            theirs = model.generate(**inputs, **GREEDY, mitigation="vcd")
+    finally:
+        decoder.set_attn_implementation("sdpa")
+    ours = model.generate(**inputs, **GREEDY, mitigation="vcd,exit:layer=1")
+    assert_same_generation(ours, theirs)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("pai:layers=1,exit:layer=1", "pai works on image attention in layers \\[1\\]"),
+    ("vhr,exit:layer=1", "vhr works on image attention"),
+    ("exit:layer=3", "layer=3 must be an int in \\[1, 2\\]"),
+    ("exit:layer=0", "layer=0 must be an int in \\[1, 2\\]"),
+])
+def test_methods_on_image_attention_above_the_exit_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        resolve_mitigation(spec, num_layers=2)
+
+
+def test_exit_composes_with_methods_below_it():
+    resolved = resolve_mitigation("pai:layers=0,vcd,exit", num_layers=2)
+    assert resolved["exit"]["layer"] == 1 and resolved["pai"]["layers"] == [0]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_HF_FAMILIES))
+def test_exit_equals_blocking_image_keys_on_hf_families(family):
+    model, inputs = hf_batch(family)
+    theirs = reference_generate(model, inputs, 1, **GREEDY)
+    for use_cache in (True, False):
+        ours = generate_with_mitigation(model, "exit:layer=1", **inputs, **GREEDY, use_cache=use_cache)
+        assert_same_generation(ours, theirs)
+    kept = int((inputs["input_ids"] != model.config.image_token_id).sum(1).max())
+    cached = generate_with_mitigation(model, "exit:layer=1", **inputs, **GREEDY).past_key_values
+    assert cached.layers[1].keys.shape[-2] == kept + GREEDY["max_new_tokens"] - 1
+
+
+def test_sliding_window_layers_refuse_sequences_beyond_the_window():
+    model, inputs = hf_batch("gemma3")
+    window = text_decoder(model).config.sliding_window
+    with pytest.raises(ValueError, match=f"within the window of {window} tokens"):
+        generate_with_mitigation(model, "exit:layer=1", **inputs, max_new_tokens=window, min_new_tokens=window)
