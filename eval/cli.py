@@ -30,6 +30,9 @@ def add_model_arguments(parser, required: bool = True):
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default: auto)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"],
                         help="weights dtype (auto: bfloat16 on a supporting GPU, else float32)")
+    parser.add_argument("--compressed-grid", type=positive_int, default=None, metavar="N",
+                        help="LookupViT towers: compressed tokens on an N x N grid (default: the model's saved grid); "
+                             "the compressed stream's compute grows with N^2")
 
 
 def add_generation_arguments(parser, max_new_tokens: int):
@@ -66,8 +69,14 @@ def _text_streamer(processor):
 
 
 def _load_model(args, generation_kwargs):
-    """The model and processor; mitigation methods the model cannot run are refused now, before any answer."""
+    """The model and processor, with the model options applied; mitigation methods the model cannot run are
+    refused now, before any answer."""
     model, processor = load_model(args.model, args.device, args.dtype)
+    if args.compressed_grid is not None:
+        if not hasattr(model, "set_compressed_grid"):  # a Hugging Face VLM: no timm tower
+            raise ValueError(f"--compressed-grid: {args.model} holds a {type(model).__name__}, whose vision tower "
+                             "is not a LookupViT")
+        model.set_compressed_grid(args.compressed_grid)
     if generation_kwargs.get("mitigation"):
         from vlm.mitigation import check_supported
 

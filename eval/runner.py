@@ -5,10 +5,10 @@ in flight; a re-run reads the file, skips the requests already answered and carr
 (the process died mid-write) is dropped, and error records (e.g. an unreadable image) are dropped too so that
 they are tried again: the file ends up with every request exactly once.
 
-The settings that produced the answers (model, prompt, decoding settings, mitigation) are kept in a sidecar
-JSON, `<answers file>.settings.json`, so the answers file itself keeps the plain format that the official
-scripts read (e.g. POPE's `question_id` + `answer`). A re-run with other settings refuses to mix answers
-unless told to overwrite.
+The settings that produced the answers (model, prompt, decoding settings, mitigation, a LookupViT's compressed
+grid) are kept in a sidecar JSON, `<answers file>.settings.json`, so the answers file itself keeps the plain
+format that the official scripts read (e.g. POPE's `question_id` + `answer`). A re-run with other settings
+refuses to mix answers unless told to overwrite.
 
 Under `accelerate launch` the requests are split across the processes (`eval.shards`): each appends to its own
 shard file, and the main process merges them into the answers file in request order.
@@ -71,6 +71,9 @@ def model_description(model, name: str | None = None) -> dict:
     for key in ("attention_mode", "vision", "connector", "vision_feature_layer"):
         if hasattr(config, key):
             description[key] = getattr(config, key)
+    grid = getattr(getattr(model, "vision_tower", None), "compressed_grid", None)
+    if grid is not None:  # a LookupViT's grid changes the answers, not the weights' fingerprint
+        description["compressed_grid"] = grid
     if hasattr(model, "dtype"):  # bfloat16 and float32 weights decode differently
         description["dtype"] = str(model.dtype)
     return description

@@ -99,6 +99,14 @@ class VisionLanguageModel(PreTrainedModel, GenerationMixin):
         if token_id >= self.get_input_embeddings().num_embeddings:
             self.language_model.resize_token_embeddings(token_id + 1)
 
+    def set_compressed_grid(self, grid: int | tuple[int, int]) -> None:
+        """Inference with a LookupViT tower's compressed tokens on a `grid` (m for m x m, or (h, w)): a coarser
+        grid costs less, a finer one sees more; ValueError for other towers. The weights and the number of
+        image tokens stay as they are. The grid is written into `config.vision_kwargs` (the timm kwarg), so a
+        model saved now reloads with it."""
+        self.vision_tower.set_compressed_grid(grid)
+        self.config.vision_kwargs["compressed_grid"] = grid
+
     def get_input_embeddings(self):
         return self.language_model.get_input_embeddings()
 

@@ -33,6 +33,21 @@ class VisionTower(nn.Module):
             raise ValueError(f"{type(self.model).__name__} has no forward_intermediates: use feature_layer=-1")
 
     @property
+    def compressed_grid(self) -> tuple[int, int] | None:
+        """A LookupViT tower's compressed-token grid (height, width) when no call passes one; None for others."""
+        from vision_backbones.lookupvit import LookupViT
+
+        return self.model.compressed_grid if isinstance(self.model, LookupViT) else None
+
+    def set_compressed_grid(self, grid: int | tuple[int, int]) -> None:
+        """Choose a LookupViT tower's compressed-token grid (m for m x m, or (h, w)). Its weights do not depend
+        on the grid, and its output stays one token per lookup patch, so the visual token count is the same."""
+        if self.compressed_grid is None:
+            name = getattr(self.model, "pretrained_cfg", {}).get("architecture") or type(self.model).__name__
+            raise ValueError(f"compressed_grid is a LookupViT option, but the vision tower is {name}")
+        self.model.set_compressed_grid(grid)
+
+    @property
     def data_config(self) -> dict:
         """timm's preprocessing settings (input size, mean, std, interpolation) for this tower."""
         return timm.data.resolve_data_config({}, model=self.model)
