@@ -135,8 +135,8 @@ def test_exit_with_a_contrast_branch_composes_and_the_branch_exits_too():
 @pytest.mark.parametrize("spec, message", [
     ("pai:layers=1,exit:layer=1", "pai works on image attention in layers \\[1\\]"),
     ("vhr,exit:layer=1", "vhr works on image attention"),
-    ("exit:layer=3", "layer=3 must be an int in \\[1, 2\\]"),
-    ("exit:layer=0", "layer=0 must be an int in \\[1, 2\\]"),
+    ("exit:layer=3", "layer=3 must be .auto. or an int in \\[1, 2\\]"),
+    ("exit:layer=0", "layer=0 must be .auto. or an int in \\[1, 2\\]"),
 ])
 def test_methods_on_image_attention_above_the_exit_are_refused(spec, message):
     with pytest.raises(ValueError, match=message):
@@ -165,3 +165,85 @@ def test_sliding_window_layers_refuse_sequences_beyond_the_window():
     window = text_decoder(model).config.sliding_window
     with pytest.raises(ValueError, match=f"within the window of {window} tokens"):
         generate_with_mitigation(model, "exit:layer=1", **inputs, max_new_tokens=window, min_new_tokens=window)
+
+
+def test_the_benchmark_measures_every_exit_layer(tmp_path, capsys):
+    """benchmarks.visual_exit end to end on a saved tiny model: one row per exit layer, fewer FLOPs than plain."""
+    from benchmarks.visual_exit import main
+    from data.scenes import SceneConfig, generate_scenes
+
+    model, processor = tiny_vlm(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    generate_scenes(tmp_path / "scenes", num_images=4, seed=3,
+                    config=SceneConfig(image_size=32, splits={"test": 1.0}, pope_per_image=1))
+    rows = main(["--model", str(tmp_path / "model"), "--scenes", str(tmp_path / "scenes"), "--batch-size", "2",
+                 "--rounds", "1", "--threads", "1", "--pope", "4", "--chair", "2"])
+    assert list(rows) == ["none", "exit:layer=1"]
+    assert rows["none"]["pope_flops"] == 1.0 and rows["exit:layer=1"]["pope_flops"] < 1.0
+    assert 0 <= rows["exit:layer=1"]["pope_acc"] <= 1 and "chair_i" in rows["exit:layer=1"]
+    assert "| exit:layer=1 |" in capsys.readouterr().out
+
+
+def routers_exiting_at(model, layer):
+    """Routers that say "stay" below `layer` and "exit" from it on, whatever the input."""
+    from vlm.mitigation.token_exit import ExitRouters
+
+    config = model.config.get_text_config()
+    routers = ExitRouters(config.hidden_size, config.num_hidden_layers, width=8)
+    for index, router in enumerate(routers.routers):
+        torch.nn.init.zeros_(router[2].weight)
+        router[2].bias.data = torch.tensor([0.0, 1.0] if index >= layer else [1.0, 0.0])
+    return routers
+
+
+@pytest.mark.parametrize("layer", [1, 2])
+def test_auto_exit_follows_its_routers(layer):
+    """exit:layer=auto exits where the routers first say so: the same generation as the fixed exit there
+    (layer 2 of 2: never, plain decoding)."""
+    model, inputs = suite_batch()
+    model.mitigation_stats = routers_exiting_at(model, layer).state()
+    try:
+        auto = model.generate(**inputs, **GREEDY, mitigation="exit:layer=auto")
+        fixed = model.generate(**inputs, **GREEDY, mitigation={"exit": {"layer": layer}})
+        assert_same_generation(auto, fixed, atol=0)
+    finally:
+        del model.mitigation_stats
+
+
+def test_auto_exit_without_routers_says_how_to_train_them():
+    model, inputs = suite_batch()
+    model.mitigation_stats = {}
+    with pytest.raises(ValueError, match="python -m vlm.mitigation"):
+        model.generate(**inputs, max_new_tokens=2, mitigation="exit:layer=auto")
+
+
+def test_exit_labels_follow_the_agreement_rule():
+    """DyVTE's labels: every layer passes a rule that asks nothing and fails one that asks more than agreement."""
+    from vlm.mitigation.token_exit import exit_labels
+
+    model, inputs = suite_batch()
+    answer = model.generate(**inputs, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+    continuation = answer[:, inputs["input_ids"].shape[1]:]
+    assert exit_labels(model, inputs, continuation, agreement=0.0, loss_ratio=float("inf"))[:, 1:].all()
+    assert not exit_labels(model, inputs, continuation, agreement=1.01).any()
+    strict = exit_labels(model, inputs, continuation)
+    assert not strict[:, 0].any()  # layer 0 never exits
+
+
+def test_calibration_trains_routers_that_reload_and_run(tmp_path):
+    from vlm.mitigation import calibrate_mitigation_stats, load_mitigation_stats, save_mitigation_stats
+    from vlm.mitigation.token_exit import ExitRouters
+
+    model, processor = tiny_vlm(seed=3)
+    stats = calibrate_mitigation_stats(model, processor, [RED, GRADIENT, RED], batch_size=2)
+    assert any(key.startswith("exit_router.") for key in stats)
+    save_mitigation_stats(stats, tmp_path)
+    config = model.config.text_config
+    routers = ExitRouters.from_stats(load_mitigation_stats(tmp_path), config.hidden_size, config.num_hidden_layers)
+    features = torch.randn(3, 2 * config.hidden_size)
+    torch.testing.assert_close(routers.logits(1, features),
+                               ExitRouters.from_stats(stats, config.hidden_size, config.num_hidden_layers).logits(1, features))
+    model.mitigation_stats = stats
+    inputs = processor(images=[RED], text=["<image>\nWhat is in the picture?"])
+    model.generate(**inputs, max_new_tokens=3, mitigation="exit:layer=auto")

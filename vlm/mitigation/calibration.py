@@ -7,6 +7,8 @@ the model as `mitigation_stats.safetensors` beside its weights (loaded automatic
 - `visual_sensitivity` (L, H): per layer and head, the mean vision-aware head divergence (VHR's VHD,
   without reinforcement) at the last prompt token: how much the head's output changes when the image
   is removed. PAINT's head-specific modulation scales its margins by it (`head_specific=True`).
+- `exit_router.*`: DyVTE's routers for `exit:layer=auto` (`token_exit.train_exit_routers`), trained on the
+  images asked the prompt and a short question (`ROUTER_QUESTION`).
 
 Command line: `python -m vlm.mitigation --model DIR --images DIR [--num 32]` (`__main__.py`).
 """
@@ -18,17 +20,20 @@ from safetensors.torch import load_file, save_file
 
 from ..processing import IMAGE_MARKER
 from ..prompts import DETAIL_PROMPT
-from .vhr import image_free_inputs
 from .model_parts import attention_module, decoder_layers, image_positions, num_heads
+from .token_exit import train_exit_routers
+from .vhr import image_free_inputs
 
 STATS_FILE = "mitigation_stats.safetensors"
 DEFAULT_PROMPT = f"{IMAGE_MARKER}\n{DETAIL_PROMPT}"
+ROUTER_QUESTION = f"{IMAGE_MARKER}\nWhat is in the image?"  # the routers also see a short question's prefill
 
 
 @torch.no_grad()
 def calibrate_mitigation_stats(model, processor, images, prompt: str = DEFAULT_PROMPT, num_sink_dims: int = 2,
                                batch_size: int = 8) -> dict[str, torch.Tensor]:
-    """Measure `sink_dims` and `visual_sensitivity` on `images` (PIL RGB) asked `prompt` (one `<image>`)."""
+    """Measure `sink_dims` and `visual_sensitivity` and train the exit routers on `images` (PIL RGB) asked `prompt`
+    (one `<image>`)."""
     if prompt.count(processor.image_token) != 1:
         raise ValueError(f"the calibration prompt needs exactly one {processor.image_token} marker: {prompt!r}")
     images = list(images)
@@ -40,6 +45,7 @@ def calibrate_mitigation_stats(model, processor, images, prompt: str = DEFAULT_P
     peak = torch.zeros(model.config.text_config.hidden_size)
     divergence_sum = torch.zeros(len(layers), heads)
     measured = {}
+    batches = []
 
     def measure(index):
         def hook(module, args):
@@ -55,6 +61,8 @@ def calibrate_mitigation_stats(model, processor, images, prompt: str = DEFAULT_P
             chunk = images[start:start + batch_size]
             inputs = dict(processor(images=chunk, text=[prompt] * len(chunk)))
             inputs = {k: v.to(model.device) for k, v in inputs.items()}
+            batches += [inputs, {k: v.to(model.device) for k, v in
+                                 processor(images=chunk, text=[ROUTER_QUESTION] * len(chunk)).items()}]
             image = image_positions(model, inputs["input_ids"], inputs.get("mm_token_type_ids"))
             free = image_free_inputs(inputs, image)
             pair = {k: torch.cat([inputs[k], free[k]]) for k in ("input_ids", "attention_mask", "mm_token_type_ids")}
@@ -73,6 +81,7 @@ def calibrate_mitigation_stats(model, processor, images, prompt: str = DEFAULT_P
     return {
         "sink_dims": peak.topk(num_sink_dims).indices.sort().values,
         "visual_sensitivity": divergence_sum / len(images),
+        **train_exit_routers(model, batches).state(),
     }
 
 

@@ -52,7 +52,7 @@ def mitigated_generate(model, mitigation, generate, *args, processor=None, **kwa
         METHODS[name].install(plan, options)
     with ExitStack() as stack:
         if plan.exit_layer is not None:
-            stack.enter_context(VisualTokenExit(model, plan.exit_layer))
+            stack.enter_context(VisualTokenExit(model, plan.exit_layer, plan.exit_routers))
         if plan.boost is not None or plan.var is not None:
             kind, boost = plan.boost or ("pai", None)
             stack.enter_context(AttentionEdits(model, boost=boost, boost_kind=kind, var=plan.var,

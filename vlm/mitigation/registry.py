@@ -30,7 +30,8 @@ class Plan:
     vhr: dict | None = None
     contrast: tuple[dict, float, float] | None = None  # (contrast inputs, alpha, beta) of the second branch
     contrast_by: str | None = None
-    exit_layer: int | None = None  # visual-token exit: the first decoder layer without image tokens
+    exit_layer: int | str | None = None  # visual-token exit: the first decoder layer without image tokens, or "auto"
+    exit_routers: object | None = None  # token_exit.ExitRouters for "auto"
 
     def set_contrast(self, method: str, inputs: dict, alpha: float, beta: float):
         if self.contrast is not None:  # check_options refuses such combinations first

@@ -139,15 +139,16 @@ def _check_exit(resolved: dict, num_layers: int):
     token, as generation counts the sequence in layer 0's cache (and an image no layer sees would be pointless)."""
     layer = resolved["exit"]["layer"]
     layer = max(1, num_layers // 2) if layer is None else layer
-    if not isinstance(layer, int) or not 1 <= layer <= num_layers:
-        raise ValueError(f"mitigation 'exit': layer={layer!r} must be an int in [1, {num_layers}] for a "
+    if layer != "auto" and (not isinstance(layer, int) or not 1 <= layer <= num_layers):
+        raise ValueError(f"mitigation 'exit': layer={layer!r} must be 'auto' or an int in [1, {num_layers}] for a "
                          f"{num_layers}-layer LLM ({num_layers}: no exit)")
     resolved["exit"]["layer"] = layer
+    lowest = 1 if layer == "auto" else layer  # the routers may exit from layer 1 on
     for name, options in resolved.items():
-        above = [index for index in options.get("layers") or [] if index >= layer]
+        above = [index for index in options.get("layers") or [] if index >= lowest]
         if name != "exit" and above:
             raise ValueError(f"{name} works on image attention in layers {above}, at or above the visual-token exit "
-                             f"at layer {layer}, where no image tokens are left: give {name} layers below {layer} "
+                             f"at layer {layer}, where no image tokens are left: give {name} layers below {lowest} "
                              "or exit later")
 
 

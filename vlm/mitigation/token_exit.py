@@ -16,9 +16,11 @@ each row are packed to the right, as left padding, and the packing slots stay ma
 """
 
 import weakref
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 
 from .model_parts import cached_length, decoder_layers, forward_arguments, image_positions, text_decoder
 from .registry import Method, Plan, register
@@ -32,6 +34,8 @@ class KeptTokens:
     index: torch.Tensor
     valid: torch.Tensor
     prefill_length: int
+    layer: int | None  # the exit layer; None while the routers have not decided it
+    text: torch.Tensor  # (B, L0) the prefill's text tokens (neither image nor padding): the routers' input
     _masks: dict = field(default_factory=dict)  # id(original) -> (original, its kept form), for one forward
 
     def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
@@ -108,8 +112,15 @@ class VisualTokenExit:
     kept tokens; a decode step on a cache it filled reuses them. The state is kept per KV cache, so a contrast
     branch with its own cache gets its own."""
 
-    def __init__(self, model, layer: int):
-        self.model, self.layer = model, layer
+    def __init__(self, model, layer: int | str, routers: "ExitRouters | None" = None):
+        """`layer`: the first layer without image tokens, or "auto": each prefill exits at the first layer whose
+        router (`routers`) says the text has taken what it needs from the image."""
+        if layer == "auto" and routers is None:
+            raise ValueError("exit:layer=auto needs the exit routers trained for this model: "
+                             "python -m vlm.mitigation --model DIR --images DIR trains and saves them")
+        self.model, self.layer, self.routers = model, layer, routers
+        layer = routers.first_layer if layer == "auto" else layer
+        self.first_layer = layer
         decoder = text_decoder(model)
         backend = decoder.config._attn_implementation or ""
         if backend.startswith(("flash", "flex")):
@@ -127,7 +138,7 @@ class VisualTokenExit:
         try:
             self._hooks.append(self.model.register_forward_pre_hook(self._on_model_forward, with_kwargs=True))
             for index, layer in enumerate(decoder_layers(self.model)):
-                if index >= self.layer:
+                if index >= self.first_layer:
                     self._hooks.append(layer.register_forward_pre_hook(self._layer_hook(index), with_kwargs=True))
         except BaseException:
             self.__exit__(None, None, None)
@@ -152,7 +163,10 @@ class VisualTokenExit:
             if past:
                 raise ValueError("visual-token exit: image tokens after a filled KV cache (prefill every image)")
             index, valid = pack_kept(~image)
-            self.current, self.current_is_prefill = KeptTokens(index, valid, image.shape[1]), True
+            mask = inputs["attention_mask"]
+            text = ~image if mask is None else ~image & mask.bool()
+            decided = None if self.layer == "auto" else self.layer
+            self.current, self.current_is_prefill = KeptTokens(index, valid, image.shape[1], decided, text), True
             if cache is not None:
                 self.by_cache[cache] = self.current
         else:
@@ -170,10 +184,15 @@ class VisualTokenExit:
             kept = self.current
             if kept is None:
                 return None
-            hidden = args[0] if args else kwargs.pop("hidden_states")
+            hidden = args[0] if args else kwargs["hidden_states"]
+            if kept.layer is None and self.current_is_prefill and self.routers.exits(index, hidden, kept.text):
+                kept.layer = index
+            if kept.layer is None or index < kept.layer:
+                return None
+            kwargs.pop("hidden_states", None)
             mask = kwargs.get("attention_mask")
             if self.current_is_prefill:
-                if index == self.layer:
+                if index == kept.layer:
                     hidden = kept.gather(hidden, dim=-2)
                 rotary = kwargs.get("position_embeddings")
                 if rotary is not None:
@@ -200,13 +219,131 @@ class VisualTokenExit:
         return kept._masks[key][1]
 
 
+# ------------------------------------------------------------------ DyVTE's routers (the automatic exit)
+ROUTER_PREFIX = "exit_router."
+
+
+class ExitRouters(nn.Module):
+    """DyVTE's per-layer routers: Linear(2d -> h) -> GELU -> Linear(h -> 2) on [mean of the text tokens' hidden
+    states; the last token's] entering a layer; logit 1 above logit 0 means "the image tokens may exit here".
+    A batch exits at the first layer where every row's router says so (DyVTE decides per sample: the same for
+    a batch of one)."""
+
+    def __init__(self, hidden_size: int, num_layers: int, width: int | None = None):
+        super().__init__()
+        width = width or min(2048, 4 * hidden_size)
+        self.first_layer = 1
+        # the features' mean and spread per layer, measured on the training prompts (hidden states grow with depth)
+        self.register_buffer("feature_mean", torch.zeros(num_layers, 2 * hidden_size))
+        self.register_buffer("feature_std", torch.ones(num_layers, 2 * hidden_size))
+        self.routers = nn.ModuleList(
+            nn.Sequential(nn.Linear(2 * hidden_size, width), nn.GELU(), nn.Linear(width, 2))
+            for _ in range(num_layers))
+
+    @staticmethod
+    def features(hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B, L, d) hidden states and (B, L) text-token mask -> (B, 2d)."""
+        weights = text.to(hidden.dtype)[..., None]
+        mean = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return torch.cat([mean, hidden[:, -1]], dim=-1).float()
+
+    def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
+        return self.routers[layer]((features - self.feature_mean[layer]) / self.feature_std[layer])
+
+    def exits(self, layer: int, hidden: torch.Tensor, text: torch.Tensor) -> bool:
+        logits = self.logits(layer, self.features(hidden, text))
+        return bool((logits[:, 1] > logits[:, 0]).all())
+
+    def state(self) -> dict[str, torch.Tensor]:
+        """The tensors saved with the model's mitigation statistics."""
+        return {ROUTER_PREFIX + name: value.detach().contiguous() for name, value in self.state_dict().items()}
+
+    @classmethod
+    def from_stats(cls, stats: dict, hidden_size: int, num_layers: int) -> "ExitRouters | None":
+        weights = {k[len(ROUTER_PREFIX):]: v for k, v in stats.items() if k.startswith(ROUTER_PREFIX)}
+        if not weights:
+            return None
+        routers = cls(hidden_size, num_layers, width=weights["routers.0.0.weight"].shape[0])
+        routers.load_state_dict(weights)
+        return routers.eval()
+
+
+@torch.no_grad()
+def exit_labels(model, inputs: dict, continuation: torch.Tensor, agreement: float = 0.99,
+                loss_ratio: float = 1.03) -> torch.Tensor:
+    """(B, L) bool: DyVTE's label per row and layer, True when exiting there keeps at least `agreement` of the
+    full model's next-token argmaxes over `continuation` (its own greedy answer, teacher-forced) and the loss on
+    it below `loss_ratio` times the full model's. Layer 0 never exits."""
+    ids = torch.cat([inputs["input_ids"], continuation], dim=1)
+    extended = {**inputs, "input_ids": ids}
+    if inputs.get("attention_mask") is not None:
+        extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(continuation)], dim=1)
+    if inputs.get("mm_token_type_ids") is not None:
+        from ..roles import TokenRole
+
+        answer = torch.full_like(continuation, int(TokenRole.ANSWER))
+        extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], answer], dim=1)
+    steps = continuation.shape[1]
+
+    def scores(layer):
+        with VisualTokenExit(model, layer) if layer < num_layers else nullcontext():
+            logits = model(**extended, use_cache=False).logits[:, -steps - 1:-1].float()
+        loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), continuation, reduction="none").mean(1)
+        return logits.argmax(-1), loss
+
+    num_layers = len(decoder_layers(model))
+    full_argmax, full_loss = scores(num_layers)
+    labels = torch.zeros(ids.shape[0], num_layers, dtype=torch.bool)
+    for layer in range(1, num_layers):
+        argmax, loss = scores(layer)
+        labels[:, layer] = ((argmax == full_argmax).float().mean(1) >= agreement) & (loss < loss_ratio * full_loss)
+    return labels
+
+
+def train_exit_routers(model, batches, new_tokens: int = 16, steps: int = 300, seed: int = 0) -> ExitRouters:
+    """Train the routers on `batches` of model inputs (each a prompt batch with images): labels from
+    `exit_labels` on the model's own greedy answers, features from the full model's prefill."""
+    num_layers = len(decoder_layers(model))
+    features, labels = [], []
+    for inputs in batches:
+        with torch.no_grad():
+            answer = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            continuation = answer[:, inputs["input_ids"].shape[1]:]
+            hidden = model(**inputs, use_cache=False, output_hidden_states=True).hidden_states
+        image = image_positions(model, inputs["input_ids"], inputs.get("mm_token_type_ids"))
+        mask = inputs.get("attention_mask")
+        text = ~image if mask is None else ~image & mask.bool()
+        features.append(torch.stack([ExitRouters.features(hidden[layer], text) for layer in range(num_layers)], 1))
+        labels.append(exit_labels(model, inputs, continuation))
+    features, labels = torch.cat(features), torch.cat(labels).long()
+    with torch.random.fork_rng():  # seeded, leaving the caller's random state alone
+        torch.manual_seed(seed)
+        routers = ExitRouters(features.shape[-1] // 2, num_layers)
+    routers.feature_mean.copy_(features.mean(0))
+    routers.feature_std.copy_(features.std(0, correction=0).clamp(min=1e-6))
+    optimizer = torch.optim.Adam(routers.parameters(), lr=1e-3)
+    layers = range(routers.first_layer, num_layers)
+    with torch.enable_grad():  # calibration runs under no_grad
+        for _ in range(steps):
+            loss = sum(torch.nn.functional.cross_entropy(routers.logits(layer, features[:, layer]), labels[:, layer])
+                       for layer in layers)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return routers.eval()
+
+
 def install(plan: Plan, options: dict):
     plan.exit_layer = options["layer"]
+    if options["layer"] == "auto":
+        model = plan.model
+        plan.exit_routers = ExitRouters.from_stats(plan.stats, model.config.get_text_config().hidden_size,
+                                                   len(decoder_layers(model)))
 
 
 register(Method(
     name="exit", description="visual-token exit: image tokens leave the decoder at a layer (faster, DyVTE)",
-    # layer: the first decoder layer without image tokens; None: half the depth
+    # layer: the first decoder layer without image tokens; None: half the depth; "auto": DyVTE's trained routers
     defaults={"layer": None},
     install=install,
 ))
