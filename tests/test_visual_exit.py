@@ -90,6 +90,14 @@ def test_exit_equals_blocking_image_keys_on_our_model(attention_mode, layer=1):
         assert_same_generation(ours, theirs)
 
 
+def test_exit_without_padding_keeps_sdpa_unmasked_and_exact():
+    """A batch of one: nothing to pack, so the layers above the exit run SDPA without a mask (its causal fast path)."""
+    model, processor = tiny_vlm(seed=3)
+    inputs = processor(images=[GRADIENT], text=["<image>\nWhat is in the picture?"])
+    theirs = reference_generate(model, inputs, 1, **GREEDY)
+    assert_same_generation(model.generate(**inputs, **GREEDY, mitigation="exit:layer=1"), theirs)
+
+
 def test_exit_differs_from_plain_and_after_the_last_layer_is_plain():
     model, inputs = suite_batch()
     plain = model.generate(**inputs, **GREEDY)

@@ -38,6 +38,9 @@ class KeptTokens:
     text: torch.Tensor  # (B, L0) the prefill's text tokens (neither image nor padding): the routers' input
     _masks: dict = field(default_factory=dict)  # id(original) -> (original, its kept form), for one forward
 
+    def __post_init__(self):
+        self.all_valid = bool(self.valid.all())  # no packing slots: every row keeps as many tokens
+
     def gather(self, tensor: torch.Tensor, dim: int) -> torch.Tensor:
         """`tensor` (..., B or 1, L0, ...), its batch dim right before `dim` (counted from the end), at the kept
         positions: hidden states and rotary tables (B, L0, D) with dim=-2, position ids (B or 3 x B, L0) with -1."""
@@ -77,6 +80,8 @@ def prefill_mask(mask: torch.Tensor | None, kept: KeptTokens) -> torch.Tensor:
     any key would give NaN, and NaN values poison the other rows even at zero weight)."""
     index, valid = kept.index, kept.valid
     if mask is None:
+        if kept.all_valid:  # the kept tokens alone, in order: causal is still right, and SDPA's fast path with it
+            return None
         mask = index[:, None, None, :] <= index[:, None, :, None]
     else:
         batch, heads, _, keys = mask.shape
@@ -92,6 +97,8 @@ def prefill_mask(mask: torch.Tensor | None, kept: KeptTokens) -> torch.Tensor:
 def decode_mask(mask: torch.Tensor | None, kept: KeptTokens, queries: int, generated: int) -> torch.Tensor:
     """A decode step's mask over the kept prefill keys and every generated key; `generated`: generated keys
     cached before this step. The full mask (B, 1 or H, Q, L0 + generated + Q) is cut to those columns."""
+    if mask is None and kept.all_valid and queries == 1:  # one query sees every kept key: no mask needed
+        return None
     batch = kept.index.shape[0]
     new = torch.arange(kept.prefill_length, kept.prefill_length + generated + queries, device=kept.index.device)
     columns = torch.cat([kept.index, new.expand(batch, -1)], dim=1)
