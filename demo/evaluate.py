@@ -87,8 +87,37 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
         add_probes(run["pope_adversarial"], run["chair"])
         results["mitigation"][method] = run
         results["speed"][method] = decode_speed(model, processor, chair_images[:batch_size], kwargs["mitigation"])
+    if model.vision_tower.compressed_grid is not None:  # LookupViT: what each compressed grid costs and gives
+        results["compressed_grid"] = grid_tradeoff(model, processor, pope_splits["adversarial"], image_root, answers,
+                                                   chair_images[:batch_size], greedy, common)
     results["attention"] = attention_picture(model, processor, chair_images[0], vocabulary, out_dir)
     return results
+
+
+@torch.no_grad()
+def grid_tradeoff(model, processor, questions, image_root, answers: Path, timing_images: list[tuple],
+                  generation_kwargs: dict, options: dict) -> dict:
+    """LookupViT's compressed grid at inference: adversarial POPE and the tower's time for a batch of images at
+    each grid the demo trains with, the model's own grid restored afterwards."""
+    from benchmarks.timing import time_call
+    from eval.tasks import run_pope
+
+    from .recipe import LOOKUPVIT_GRIDS
+
+    pixels = processor.preprocess_images([load_image(path) for _, path in timing_images])
+    own = model.vision_tower.compressed_grid
+    rows = {}
+    try:
+        for grid in LOOKUPVIT_GRIDS:
+            model.vision_tower.set_compressed_grid(grid)
+            pope = run_pope(model, processor, questions, image_root, answers / f"pope_adversarial_grid{grid}.jsonl",
+                            generation_kwargs=generation_kwargs, **options)
+            tower = time_call(lambda: model.get_image_features(pixels), repeats=5)
+            rows[str(grid)] = {"accuracy": pope["accuracy"], "f1": pope["f1"], "tower_seconds": tower.minimum,
+                               "images": len(timing_images)}
+    finally:
+        model.vision_tower.set_compressed_grid(own)
+    return {"default": list(own), "grids": rows}
 
 
 def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None:

@@ -62,6 +62,23 @@ def _mitigation_rows(results: dict) -> list[list[str]]:
     return rows
 
 
+def _grid_section(results: dict) -> list[tuple[str, str, list[str]]]:
+    """LookupViT's compressed grid: accuracy and tower time per grid (only for a LookupViT tower)."""
+    tradeoff = results.get("compressed_grid")
+    if not tradeoff:
+        return []
+    grids = tradeoff["grids"]
+    own = next(row for grid, row in grids.items() if int(grid) == tradeoff["default"][0])
+    rows = [[f"{grid}x{grid}{' (default)' if int(grid) == tradeoff['default'][0] else ''}", pct(row["accuracy"]),
+             f"{100 * (row['accuracy'] - own['accuracy']):+.1f}", pct(row["f1"]), f"{1000 * row['tower_seconds']:.1f}",
+             f"{row['tower_seconds'] / own['tower_seconds']:.2f}x"] for grid, row in grids.items()]
+    table = markdown_table(["compressed grid", "adv. POPE acc", "Δ acc", "F1", "tower ms", "tower time"], rows)
+    images = next(iter(grids.values()))["images"]
+    return [("LookupViT's compressed grid", table + "\n\nThe same model with each compressed grid at inference "
+             f"(it trained on all of them, one drawn per batch): adversarial POPE, and the tower's time for a batch of "
+             f"{images} images (fastest of 5).", [])]
+
+
 def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[str]]]:
     """The report as (title, markdown body, image files) sections; both report.md and report.html use them."""
     captions = results["captions"]["metrics"]
@@ -114,6 +131,7 @@ def report_sections(results: dict, settings: dict) -> list[tuple[str, str, list[
          "from plain decoding in points, with its 95% interval paired over the same questions or images (1,000 "
          "bootstrap resamples), \"(noise)\" when the interval holds 0; partner claimed / named: the co-occurrence "
          "probes above; time per token relative to plain greedy decoding.", []),
+        *_grid_section(results),
         ("Sample captions", "Test images with their generated detailed descriptions; hallucinated objects in red.",
          ["examples.png"]),
         ("Where the model looks", attention_text, [attention["plot"]] if attention.get("plot") else []),
