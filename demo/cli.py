@@ -61,7 +61,7 @@ def register(subparsers) -> None:
                         help="attention mask of the LLM (see `vlm list modes`)")
     parser.add_argument("--minutes", type=float, default=None,
                         help=f"budget on a 2-core CPU at {STEPS_PER_MINUTE} steps/min, sets the training steps (default: "
-                             f"{DEFAULT_STEPS} steps, 10-25 minutes in all by the CPU; --backbone all: "
+                             f"{DEFAULT_STEPS} steps, about 9 minutes in all on 2 quiet cores; --backbone all: "
                              f"{COMPARE_ALL_MINUTES:g} minutes for all runs)")
     parser.add_argument("--steps", type=positive_int, default=None, help="training steps (overrides --minutes)")
     parser.add_argument("--images", type=positive_int, default=DEMO_IMAGES, help="synthetic scenes to generate")

@@ -14,6 +14,12 @@ from data.scene_folder import ScenesFolder
 from eval.inference import user_prompt
 
 
+# Options the demo gives a method instead of its defaults: the visual-token exit decides its layer with DyVTE's
+# routers (trained when the heads are calibrated); its fixed default, half the depth, is measured per layer by
+# `benchmarks.visual_exit` (docs/mitigation.md)
+DEMO_OPTIONS = {"exit": {"layer": "auto"}}
+
+
 def _detail_request(processor) -> str:
     """The model's own detail-description prompt (its CHAIR convention), with the image marker in front."""
     return user_prompt(processor.prompts["chair"], num_images=1)
@@ -71,9 +77,9 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
                              generation_kwargs=greedy, **common)
     results["speed"] = {"plain": decode_speed(model, processor, chair_images[:batch_size], None)}
     for method in mitigations:
-        kwargs = {"mitigation": [method]}
+        kwargs = {"mitigation": {method: DEMO_OPTIONS.get(method, {})}}
         try:
-            check_mitigation(model, processor, method)
+            check_mitigation(model, processor, kwargs["mitigation"])
         except ValueError as refused:  # e.g. PAINT needs a ViT-style tower
             results["mitigation"][method] = {"refused": str(refused)}
             continue
@@ -135,10 +141,10 @@ def calibrate_heads(model_dir: Path, scenes: Path, num_images: int = 32) -> None
 
 
 @torch.no_grad()
-def check_mitigation(model, processor, method: str) -> None:
+def check_mitigation(model, processor, mitigation) -> None:
     """Raise the method's own error if it cannot run on this model (one tiny generate)."""
     inputs = processor(images=[Image.new("RGB", (8, 8))], text=[_detail_request(processor)])
-    model.generate(**inputs, max_new_tokens=1, do_sample=False, mitigation=[method], processor=processor)
+    model.generate(**inputs, max_new_tokens=1, do_sample=False, mitigation=mitigation, processor=processor)
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ their keys and values in the KV cache, so prefill and every decode step do less 
 positions. What the text computes is then exactly what it would compute if, from that layer on, no query could
 attend to an image key (the tests check this against that masked model).
 
+`exit:layer=auto` lets DyVTE's routers decide the layer per prefill (`ExitRouters`, trained by `train_exit_routers`
+when the model's mitigation statistics are calibrated).
+
 It is an efficiency method, not a hallucination mitigation, but it is switched on per `generate` call in the same
 way (`mitigation="exit:layer=8"`) so that it composes with them: the contrastive methods (VCD, ICD, LQCD) run
 their branch with the same exit; methods that read or edit image attention (VHR, PAI, PAINT, VAR) are refused on
@@ -84,7 +87,7 @@ def prefill_mask(mask: torch.Tensor | None, kept: KeptTokens) -> torch.Tensor:
             return None
         mask = index[:, None, None, :] <= index[:, None, :, None]
     else:
-        batch, heads, _, keys = mask.shape
+        _, heads, _, keys = mask.shape
         rows = index.shape[1]
         mask = mask.expand(index.shape[0], heads, -1, -1)
         mask = mask.gather(2, index[:, None, :, None].expand(-1, heads, rows, keys))
