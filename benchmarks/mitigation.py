@@ -149,6 +149,17 @@ def hf_main(families: list[str], rounds: int):
     return rows
 
 
+def add_run_arguments(parser, pope: int, chair: int):
+    """The options this benchmark shares with `benchmarks.visual_exit`: how much to score, batch, threads, timing."""
+    parser.add_argument("--pope", type=int, default=pope, help="POPE adversarial questions to ask (first N)")
+    parser.add_argument("--chair", type=int, default=chair, help="images to caption for CHAIR (first N)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the fastest counts)")
+    parser.add_argument("--timing-only", action="store_true", help="skip POPE and CHAIR, measure the cost only")
+    parser.add_argument("--out", help="write the rows as JSON here")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="a saved VisionLanguageModel folder with its processor")
@@ -159,14 +170,8 @@ def main(argv=None):
     parser.add_argument("--split", default="test")
     parser.add_argument("--methods", nargs="+", default=DEFAULT_METHODS,
                         help="method strings as for --mitigation (e.g. 'pai:alpha=0.5'); 'none' is plain decoding")
-    parser.add_argument("--pope", type=int, default=300, help="POPE adversarial questions to ask (first N)")
-    parser.add_argument("--chair", type=int, default=100, help="images to caption for CHAIR (first N)")
+    add_run_arguments(parser, pope=300, chair=100)
     parser.add_argument("--max-new-tokens", type=int, default=64, help="CHAIR caption length limit")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the fastest counts)")
-    parser.add_argument("--timing-only", action="store_true", help="skip POPE and CHAIR, measure the cost only")
-    parser.add_argument("--out", help="write the rows as JSON here")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.hf_families:

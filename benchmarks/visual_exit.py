@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.mitigation import CHAIR_PROMPT, chair_scores, pope_scores
+from benchmarks.mitigation import CHAIR_PROMPT, add_run_arguments, chair_scores, pope_scores
 from benchmarks.timing import print_warnings, time_generations
 from vlm.mitigation import model_mitigation_stats
 from vlm.mitigation.token_exit import ROUTER_PREFIX
@@ -118,13 +118,7 @@ def main(argv=None):
     parser.add_argument("--image-tokens", type=int, default=576, help="image tokens of the --synthetic model")
     parser.add_argument("--layers", type=int, nargs="+", help="exit layers to measure (default: 1 .. depth-1)")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--pope", type=int, default=600, help="POPE adversarial questions to ask (first N)")
-    parser.add_argument("--chair", type=int, default=200, help="images to caption for CHAIR (first N)")
-    parser.add_argument("--batch-size", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=5, help="timing rounds (the fastest counts)")
-    parser.add_argument("--timing-only", action="store_true", help="skip POPE and CHAIR")
-    parser.add_argument("--out", help="write the rows as JSON here")
+    add_run_arguments(parser, pope=600, chair=200)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if not args.synthetic and not (args.model and args.scenes):
