@@ -255,3 +255,24 @@ def test_calibration_trains_routers_that_reload_and_run(tmp_path):
     model.mitigation_stats = stats
     inputs = processor(images=[RED], text=["<image>\nWhat is in the picture?"])
     model.generate(**inputs, max_new_tokens=3, mitigation="exit:layer=auto")
+
+
+def test_exit_from_the_command_line_matches_the_api(tmp_path, capsys):
+    """`vlm ask --mitigation exit:layer=1` answers as `generate(mitigation="exit:layer=1")` does."""
+    import json
+
+    from vlm.cli import main
+
+    model, processor = tiny_vlm(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    RED.save(tmp_path / "red.png")
+    args = ["ask", "--model", str(tmp_path / "model"), str(tmp_path / "red.png"), "What is it?", "--max-new-tokens",
+            "6", "--json", "--mitigation", "exit:layer=1"]
+    assert main(args) == 0
+    answer = json.loads(capsys.readouterr().out)["answer"]
+    inputs = processor(images=[RED], text=["<image>\nWhat is it?"])
+    expected = model.generate(**inputs, max_new_tokens=6, do_sample=False, mitigation="exit:layer=1")
+    assert answer == processor.batch_decode(expected[:, inputs["input_ids"].shape[1]:])[0]
+    assert answer != processor.batch_decode(model.generate(**inputs, max_new_tokens=6, do_sample=False)
+                                            [:, inputs["input_ids"].shape[1]:])[0]
