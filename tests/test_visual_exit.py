@@ -276,3 +276,17 @@ def test_exit_from_the_command_line_matches_the_api(tmp_path, capsys):
     assert answer == processor.batch_decode(expected[:, inputs["input_ids"].shape[1]:])[0]
     assert answer != processor.batch_decode(model.generate(**inputs, max_new_tokens=6, do_sample=False)
                                             [:, inputs["input_ids"].shape[1]:])[0]
+
+
+@pytest.mark.parametrize("family", sorted(TINY_HF_FAMILIES))
+def test_auto_exit_on_hf_families(family):
+    """On a Hugging Face VLM the routers decide as on ours, and they train on its batches (Qwen2-VL's own token
+    types extended as text for the teacher-forced answer)."""
+    from vlm.mitigation.token_exit import ExitRouters, train_exit_routers
+
+    model, inputs = hf_batch(family)
+    model.mitigation_stats = routers_exiting_at(model, 1).state()
+    auto = generate_with_mitigation(model, "exit:layer=auto", **inputs, **GREEDY)
+    assert_same_generation(auto, generate_with_mitigation(model, "exit:layer=1", **inputs, **GREEDY), atol=0)
+    trained = train_exit_routers(model, [dict(inputs)], new_tokens=3, steps=3)
+    assert isinstance(trained, ExitRouters) and any(key.startswith("exit_router.") for key in trained.state())

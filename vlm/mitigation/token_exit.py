@@ -25,7 +25,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .model_parts import cached_length, decoder_layers, forward_arguments, image_positions, text_decoder
+from ..roles import TokenRole
+from .model_parts import (cached_length, decoder_layers, forward_arguments, image_positions, is_suite_model,
+                          text_decoder)
 from .registry import Method, Plan, register
 
 
@@ -301,10 +303,8 @@ def exit_labels(model, inputs: dict, continuation: torch.Tensor, agreement: floa
     extended = {**inputs, "input_ids": ids}
     if inputs.get("attention_mask") is not None:
         extended["attention_mask"] = torch.cat([inputs["attention_mask"], torch.ones_like(continuation)], dim=1)
-    if inputs.get("mm_token_type_ids") is not None:
-        from ..roles import TokenRole
-
-        answer = torch.full_like(continuation, int(TokenRole.ANSWER))
+    if inputs.get("mm_token_type_ids") is not None:  # our roles, or Qwen2-VL's token types (0: text)
+        answer = torch.full_like(continuation, int(TokenRole.ANSWER) if is_suite_model(model) else 0)
         extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], answer], dim=1)
     steps = continuation.shape[1]
 
