@@ -37,8 +37,10 @@ class ImageKeysBlocked:
     """The reference: the full model, whose layers >= `layer` give every query an additive mask blocking the
     prefill's image keys. Needs eager attention (an explicit float mask at every step)."""
 
-    def __init__(self, model, layer, image):
-        self.model, self.layer, self.image, self.hooks = model, layer, image, []
+    def __init__(self, model, layer, image, rows=None):
+        """`rows` (B,) bool: the rows whose image keys are blocked (default: all)."""
+        self.model, self.layer, self.hooks = model, layer, []
+        self.image = image if rows is None else image & rows[:, None]
 
     def hook(self, module, args, kwargs):
         mask = kwargs["attention_mask"]
@@ -57,13 +59,13 @@ class ImageKeysBlocked:
             hook.remove()
 
 
-def reference_generate(model, inputs, layer, **kwargs):
+def reference_generate(model, inputs, layer, rows=None, **kwargs):
     image = image_positions(model, inputs["input_ids"], None)  # the placeholders
     decoder = text_decoder(model)
     original = decoder.config._attn_implementation
     decoder.set_attn_implementation("eager")
     try:
-        with ImageKeysBlocked(model, layer, image):
+        with ImageKeysBlocked(model, layer, image, rows):
             return model.generate(**inputs, **kwargs)
     finally:
         decoder.set_attn_implementation(original)
@@ -217,6 +219,73 @@ def test_auto_exit_follows_its_routers(layer):
         assert_same_generation(auto, fixed, atol=0)
     finally:
         del model.mitigation_stats
+
+
+def separating_routers(model, inputs, layer: int):
+    """Routers whose layer-`layer` router exits the batch's first row only (it tells the two rows apart by the
+    features entering that layer); every later layer's router exits whatever remains."""
+    from vlm.mitigation.token_exit import ExitRouters
+
+    with torch.no_grad():
+        hidden = model(**inputs, output_hidden_states=True).hidden_states[layer]  # what enters the layer
+    text = ~image_positions(model, inputs["input_ids"], None) & inputs["attention_mask"].bool()
+    features = torch.nn.functional.gelu(ExitRouters.features(hidden, text))
+    first, second = features
+    size = features.shape[1]
+    routers = ExitRouters(size // 2, len(decoder_layers(model)), width=size)
+    with torch.no_grad():
+        for index, router in enumerate(routers.routers):
+            router[2].weight.zero_()
+            router[2].bias.copy_(torch.tensor([1.0, 0.0] if index < layer else [0.0, 1.0]))
+        router = routers.routers[layer]
+        router[0].weight.copy_(torch.eye(size))
+        router[0].bias.zero_()
+        router[2].weight[1] = first - second  # logit 1 above 0 on the first row's side of the midpoint
+        router[2].bias.copy_(torch.tensor([0.0, -float((first - second) @ (first + second)) / 2]))
+    return routers
+
+
+def test_auto_exit_decides_per_row_at_different_layers():
+    """A 3-layer LLM whose first row exits at layer 1 and second at layer 2 (its kept tokens cut a second time):
+    the full model with the first row's image keys blocked from layer 1 and the second's from layer 2."""
+    model, processor = tiny_vlm(seed=3, text_overrides={"num_hidden_layers": 3})
+    inputs = processor(images=[RED, RED, GRADIENT], text=["<image>\nWhat is in the picture?",
+                                                          "<image> and <image>: which one is red?"])
+    model.mitigation_stats = separating_routers(model, inputs, 1).state()
+    try:
+        ours = model.generate(**inputs, **GREEDY, mitigation="exit:layer=auto")
+    finally:
+        del model.mitigation_stats
+    image = image_positions(model, inputs["input_ids"], None)
+    decoder = text_decoder(model)
+    decoder.set_attn_implementation("eager")
+    try:
+        with ImageKeysBlocked(model, 1, image, torch.tensor([True, False])), \
+                ImageKeysBlocked(model, 2, image, torch.tensor([False, True])):
+            theirs = model.generate(**inputs, **GREEDY)
+    finally:
+        decoder.set_attn_implementation("sdpa")
+    assert_same_generation(ours, theirs)
+    cache = ours.past_key_values
+    assert [cache.layers[i].keys.shape[-2] for i in range(3)] == [
+        inputs["input_ids"].shape[1] + 4,  # every token
+        inputs["input_ids"].shape[1] + 4,  # the second row keeps its two images: nothing shorter to pack to
+        int((~image).sum(1).max()) + 4]  # no image left
+
+
+def test_auto_exit_decides_per_row():
+    """Routers that tell the two rows apart at layer 1: the first row's image tokens leave there, the second's stay,
+    as on the full model with only the first row's image keys blocked from layer 1."""
+    model, inputs = suite_batch()
+    model.mitigation_stats = separating_routers(model, inputs, 1).state()  # the 2-layer LLM has no layer 2
+    try:
+        ours = model.generate(**inputs, **GREEDY, mitigation="exit:layer=auto")
+    finally:
+        del model.mitigation_stats
+    theirs = reference_generate(model, inputs, 1, rows=torch.tensor([True, False]), **GREEDY)
+    assert_same_generation(ours, theirs)
+    both = reference_generate(model, inputs, 1, **GREEDY)
+    assert not torch.allclose(ours.logits[0][1], both.logits[0][1], atol=1e-3)  # the second row kept its image
 
 
 def test_auto_exit_without_routers_says_how_to_train_them():

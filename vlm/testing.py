@@ -49,8 +49,10 @@ def save_tiny_pretrained_llm(folder, family: str = "llama", seed: int = 0):
 
 def tiny_vlm(attention_mode: str = "causal", llm: str = "llama", vision: str = "vit_tiny_patch16_224",
              vision_kwargs: dict | None = None, connector: str = "mlp2x_gelu", connector_kwargs: dict | None = None,
-             image_size: int = 32, attn_implementation: str = "sdpa", corpus=None, seed: int = 0, **config_kwargs):
-    """A tiny (model, processor) pair: a small vision tower at `image_size`, a 2-layer LLM, an offline tokenizer."""
+             image_size: int = 32, attn_implementation: str = "sdpa", corpus=None, seed: int = 0,
+             text_overrides: dict | None = None, **config_kwargs):
+    """A tiny (model, processor) pair: a small vision tower at `image_size`, a 2-layer LLM (`text_overrides`
+    change its config, e.g. `{"num_hidden_layers": 3}`), an offline tokenizer."""
     import torch
 
     torch.manual_seed(seed)
@@ -61,7 +63,8 @@ def tiny_vlm(attention_mode: str = "causal", llm: str = "llama", vision: str = "
             vision_kwargs.update(patch_size=8, depth=2, embed_dim=32, num_heads=2)
     config = VLMConfig(
         vision=vision, vision_kwargs=vision_kwargs, connector=connector, connector_kwargs=connector_kwargs,
-        text_config=tiny_text_config(llm, vocab_size=len(tokenizer)), attn_implementation=attn_implementation,
+        text_config=tiny_text_config(llm, vocab_size=len(tokenizer), **(text_overrides or {})),
+        attn_implementation=attn_implementation,
         attention_mode=attention_mode, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_MARKER),
         image_size=image_size, **config_kwargs,
     )

@@ -33,15 +33,11 @@ from .registry import Method, Plan, register
 
 @dataclass
 class KeptTokens:
-    """Which prefill positions the layers at and above the exit keep, per row: `index` (B, R) into the prefill's
-    L0 positions, packed to the right; `valid` (B, R) False on packing slots."""
+    """Which prefill positions a layer keeps, per row: `index` (B, R) into the prefill's L0 positions, packed to
+    the right; `valid` (B, R) False on packing slots."""
 
     index: torch.Tensor
     valid: torch.Tensor
-    prefill_length: int
-    layer: int | None  # the exit layer; None while the routers have not decided it
-    text: torch.Tensor  # (B, L0) the prefill's text tokens (neither image nor padding): the routers' input
-    _masks: dict = field(default_factory=dict)  # id(original) -> (original, its kept form), for one forward
 
     def __post_init__(self):
         self.all_valid = bool(self.valid.all())  # no packing slots: every row keeps as many tokens
@@ -56,6 +52,32 @@ class KeptTokens:
         index = self.index.reshape([1] * batch_dim + list(self.index.shape) + [1] * (-dim - 1))
         shape[tensor.ndim + dim] = self.index.shape[1]
         return tensor.gather(tensor.ndim + dim, index.expand(shape))
+
+    def within(self, wider: "KeptTokens", length: int) -> torch.Tensor:
+        """(B, R) positions of these kept tokens inside the `wider` kept set they were cut from (0 for slots)."""
+        rows, width = wider.index.shape
+        place = torch.zeros(rows, length + 1, dtype=torch.long, device=wider.index.device)
+        # packing slots all point at position 0: send them to a spare column so they overwrite nothing
+        place.scatter_(1, torch.where(wider.valid, wider.index, length),
+                       torch.arange(width, device=place.device).expand(rows, -1))
+        return place.gather(1, self.index)
+
+
+@dataclass
+class ExitState:
+    """One prefill's exits: the image and text tokens, the rows whose image tokens have left, and the kept set of
+    every layer from the first exit on (the decode steps' masks follow each layer's own)."""
+
+    image: torch.Tensor  # (B, L0)
+    text: torch.Tensor  # (B, L0) neither image nor padding: the routers' input
+    exited: torch.Tensor  # (B,) bool
+    by_layer: dict = field(default_factory=dict)  # layer -> KeptTokens
+    latest: KeptTokens | None = None  # the kept set the prefill's hidden states are in now
+    _memo: dict = field(default_factory=dict)  # (id(original), id(kept set)) -> (original, its kept form)
+
+    @property
+    def prefill_length(self) -> int:
+        return self.image.shape[1]
 
 
 def pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,17 +121,18 @@ def prefill_mask(mask: torch.Tensor | None, kept: KeptTokens) -> torch.Tensor:
     return torch.where(slots, _allowed(mask), mask)
 
 
-def decode_mask(mask: torch.Tensor | None, kept: KeptTokens, queries: int, generated: int) -> torch.Tensor:
+def decode_mask(mask: torch.Tensor | None, kept: KeptTokens, prefill_length: int, queries: int,
+                generated: int) -> torch.Tensor:
     """A decode step's mask over the kept prefill keys and every generated key; `generated`: generated keys
     cached before this step. The full mask (B, 1 or H, Q, L0 + generated + Q) is cut to those columns."""
     if mask is None and kept.all_valid and queries == 1:  # one query sees every kept key: no mask needed
         return None
     batch = kept.index.shape[0]
-    new = torch.arange(kept.prefill_length, kept.prefill_length + generated + queries, device=kept.index.device)
+    new = torch.arange(prefill_length, prefill_length + generated + queries, device=kept.index.device)
     columns = torch.cat([kept.index, new.expand(batch, -1)], dim=1)
     valid = torch.cat([kept.valid, torch.ones(batch, new.shape[0], dtype=torch.bool, device=new.device)], dim=1)
     if mask is None:  # causal: the step's queries see every earlier key and themselves
-        query_positions = kept.prefill_length + generated + torch.arange(queries, device=new.device)
+        query_positions = prefill_length + generated + torch.arange(queries, device=new.device)
         mask = columns[:, None, None, :] <= query_positions[None, None, :, None]
     else:
         mask = mask.expand(batch, *mask.shape[1:])
@@ -142,7 +165,7 @@ class VisualTokenExit:
         self.window = getattr(decoder.config, "sliding_window", None)
         self.sliding = {i for i, kind in enumerate(layer_types) if kind == "sliding_attention" and i >= layer}
         self.by_cache = weakref.WeakKeyDictionary()
-        self.current: KeptTokens | None = None
+        self.current: ExitState | None = None
         self.current_is_prefill = False
         self._hooks = []
 
@@ -174,11 +197,10 @@ class VisualTokenExit:
         if image.any():
             if past:
                 raise ValueError("visual-token exit: image tokens after a filled KV cache (prefill every image)")
-            index, valid = pack_kept(~image)
             mask = inputs["attention_mask"]
             text = ~image if mask is None else ~image & mask.bool()
-            decided = None if self.layer == "auto" else self.layer
-            self.current, self.current_is_prefill = KeptTokens(index, valid, image.shape[1], decided, text), True
+            exited = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
+            self.current, self.current_is_prefill = ExitState(image, text, exited), True
             if cache is not None:
                 self.by_cache[cache] = self.current
         else:
@@ -189,46 +211,71 @@ class VisualTokenExit:
                 raise ValueError(f"visual-token exit on sliding-window layers {sorted(self.sliding)} needs the "
                                  f"sequence within the window of {self.window} tokens; it reached {length} tokens")
         if self.current is not None:
-            self.current._masks.clear()
+            self.current._memo.clear()
+
+    def _exiting(self, index: int, hidden: torch.Tensor, state: ExitState) -> torch.Tensor:
+        """(B,) the rows whose image tokens leave at layer `index` (a prefill): all at the fixed layer, or those
+        whose router says so."""
+        if self.layer != "auto":
+            return ~state.exited if index == self.layer else torch.zeros_like(state.exited)
+        text = state.text if state.latest is None else state.latest.gather(state.text, dim=-1) & state.latest.valid
+        return self.routers.exits(index, hidden, text) & ~state.exited
+
+    def _exit_rows(self, hidden: torch.Tensor, rows: torch.Tensor, state: ExitState) -> torch.Tensor:
+        """Drop the image tokens of `rows` from here on; returns the hidden states of the new kept set."""
+        state.exited = state.exited | rows
+        kept = KeptTokens(*pack_kept(~(state.image & state.exited[:, None])))
+        if state.latest is None:
+            hidden = kept.gather(hidden, dim=-2)
+        else:  # the hidden states are in the previous kept set
+            place = kept.within(state.latest, state.prefill_length)
+            hidden = hidden.gather(1, place[..., None].expand(-1, -1, hidden.shape[-1]))
+        state.latest = kept
+        return hidden
 
     def _layer_hook(self, index: int):
         def exit_tokens(module, args, kwargs):
-            kept = self.current
-            if kept is None:
+            state = self.current
+            if state is None:
                 return None
             hidden = args[0] if args else kwargs["hidden_states"]
-            if kept.layer is None and self.current_is_prefill and self.routers.exits(index, hidden, kept.text):
-                kept.layer = index
-            if kept.layer is None or index < kept.layer:
-                return None
+            if self.current_is_prefill:
+                rows = self._exiting(index, hidden, state)
+                if rows.any():
+                    hidden = self._exit_rows(hidden, rows, state)
+                if state.latest is None:
+                    return None
+                state.by_layer[index] = kept = state.latest
+            else:
+                kept = state.by_layer.get(index)
+                if kept is None:
+                    return None
             kwargs.pop("hidden_states", None)
             mask = kwargs.get("attention_mask")
             if self.current_is_prefill:
-                if index == kept.layer:
-                    hidden = kept.gather(hidden, dim=-2)
                 rotary = kwargs.get("position_embeddings")
                 if rotary is not None:
-                    kwargs["position_embeddings"] = self._memo(kept, rotary, lambda: tuple(
+                    kwargs["position_embeddings"] = self._memo(state, kept, rotary, lambda: tuple(
                         kept.gather(part, dim=-2) for part in rotary))
                 if isinstance(kwargs.get("position_ids"), torch.Tensor):
                     kwargs["position_ids"] = kept.gather(kwargs["position_ids"], dim=-1)
-                kwargs["attention_mask"] = self._memo(kept, mask, lambda: prefill_mask(mask, kept))
+                kwargs["attention_mask"] = self._memo(state, kept, mask, lambda: prefill_mask(mask, kept))
             else:
                 cache = kwargs.get("cache", kwargs.get("past_key_values"))
                 generated = cache.layers[index].get_seq_length() - kept.index.shape[1]
-                kwargs["attention_mask"] = self._memo(kept, mask, lambda: decode_mask(
-                    mask, kept, hidden.shape[1], generated))
+                kwargs["attention_mask"] = self._memo(state, kept, mask, lambda: decode_mask(
+                    mask, kept, state.prefill_length, hidden.shape[1], generated))
             return (hidden, *args[1:]), kwargs
         return exit_tokens
 
     @staticmethod
-    def _memo(kept: KeptTokens, mask, compute):
-        """One kept form of each original (a mask, the rotary tables) per forward: the decoder hands every layer
-    the same objects (one per layer type)."""
-        key = id(mask)
-        if key not in kept._masks or kept._masks[key][0] is not mask:
-            kept._masks[key] = (mask, compute())
-        return kept._masks[key][1]
+    def _memo(state: ExitState, kept: KeptTokens, original, compute):
+        """One kept form of each original (a mask, the rotary tables) and kept set per forward: the decoder hands
+        every layer the same objects (one per layer type)."""
+        key = (id(original), id(kept))
+        if key not in state._memo or state._memo[key][0] is not original:
+            state._memo[key] = (original, compute())
+        return state._memo[key][1]
 
 
 # ------------------------------------------------------------------ DyVTE's routers (the automatic exit)
@@ -262,9 +309,10 @@ class ExitRouters(nn.Module):
     def logits(self, layer: int, features: torch.Tensor) -> torch.Tensor:
         return self.routers[layer]((features - self.feature_mean[layer]) / self.feature_std[layer])
 
-    def exits(self, layer: int, hidden: torch.Tensor, text: torch.Tensor) -> bool:
+    def exits(self, layer: int, hidden: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """(B,) bool: the rows whose image tokens may leave at `layer`."""
         logits = self.logits(layer, self.features(hidden, text))
-        return bool((logits[:, 1] > logits[:, 0]).all())
+        return logits[:, 1] > logits[:, 0]
 
     def state(self) -> dict[str, torch.Tensor]:
         """The tensors saved with the model's mitigation statistics."""
