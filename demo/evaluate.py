@@ -93,11 +93,34 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
         add_probes(run["pope_adversarial"], run["chair"])
         results["mitigation"][method] = run
         results["speed"][method] = decode_speed(model, processor, chair_images[:batch_size], kwargs["mitigation"])
+    if "exit" in mitigations:  # the visual-token exit at every layer: what it saves and what it costs
+        results["visual_exit"] = exit_tradeoff(model, processor, pope_splits["adversarial"], image_root, answers,
+                                               load_image(chair_images[0][1]), greedy, common)
     if model.vision_tower.compressed_grid is not None:  # LookupViT: what each compressed grid costs and gives
         results["compressed_grid"] = grid_tradeoff(model, processor, pope_splits["adversarial"], image_root, answers,
                                                    chair_images[:batch_size], greedy, common)
     results["attention"] = attention_picture(model, processor, chair_images[0], vocabulary, out_dir)
     return results
+
+
+@torch.no_grad()
+def exit_tradeoff(model, processor, questions, image_root, answers: Path, image, generation_kwargs: dict,
+                  options: dict) -> dict:
+    """Adversarial POPE, prefill and decode time and FLOPs with the image tokens leaving at each layer (and where
+    the routers decide), timed as `benchmarks.visual_exit` does on a batch of 16 copies of one test image."""
+    from benchmarks.mitigation import spec_for
+    from benchmarks.visual_exit import exit_methods, timing_rows
+    from eval.tasks import run_pope
+
+    methods = exit_methods(len(model.language_model.get_decoder().layers), None, with_routers=True)
+    rows = timing_rows(model, processor, image, methods, batch_size=16, rounds=3)
+    for method in methods:
+        mitigation = spec_for(method)
+        name = "plain" if mitigation is None else f"exit{mitigation['exit']['layer']}"
+        pope = run_pope(model, processor, questions, image_root, answers / f"pope_adversarial_{name}.jsonl",
+                        generation_kwargs={**generation_kwargs, "mitigation": mitigation}, **options)
+        rows[method].update(accuracy=pope["accuracy"], f1=pope["f1"])
+    return rows
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ import torch
 from demo import run_demo
 
 SECTIONS = ["Summary", "Training", "POPE (test split)", "Captions (COCO caption metrics)", "CHAIR",
-            "Mitigation heads", "Sample captions", "Where the model looks"]
+            "Mitigation heads", "Visual-token exit", "Sample captions", "Where the model looks"]
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +19,8 @@ def demo(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        result = run_demo(out, steps=DEMO_STEPS, num_images=DEMO_IMAGES, mitigations=["pai", "vcd"], progress=False)
+        result = run_demo(out, steps=DEMO_STEPS, num_images=DEMO_IMAGES, mitigations=["pai", "vcd", "exit"],
+                          progress=False)
     finally:
         torch.set_num_threads(threads)
     return out, result
@@ -54,8 +55,15 @@ def test_numbers_parse_back_and_are_sane(demo):
     assert all(0.0 <= float(accuracy) <= 100.0 for accuracy in rows.values())
     losses = [json.loads(line)["loss"] for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
     assert losses[-1] < LOSS_FALLS_TO * losses[0]
-    mitigation_rows = re.findall(r"^\| (none|pai|vcd) \| ([\d.]+) \|", report, flags=re.M)
-    assert [name for name, _ in mitigation_rows] == ["none", "pai", "vcd"]
+    heads, exits = report.split("## Mitigation heads")[1].split("## Visual-token exit")
+    mitigation_rows = re.findall(r"^\| (none|pai|vcd|exit) \| ([\d.]+) \|", heads, flags=re.M)
+    assert [name for name, _ in mitigation_rows] == ["none", "pai", "vcd", "exit"]
+    # the exit at every layer of the 4-layer LLM and where the routers decide; plain decoding's row is the
+    # adversarial POPE above
+    exit_rows = re.findall(r"^\| (none|\d|auto) \| ([\d.]+) \|.*\| ([\d.]+)x \| ([\d.]+)x \|$", exits, flags=re.M)
+    assert [row[0] for row in exit_rows] == ["none", "1", "2", "3", "auto"]
+    assert float(exit_rows[0][1]) == pytest.approx(100 * pope["adversarial"]["accuracy"], abs=0.05)
+    assert all(float(flops) < 1 for _, _, _, flops in exit_rows[1:4]) and exit_rows[0][3] == "1.00"
     # every mitigation's change from plain decoding with its paired interval, which holds the change
     changes = re.findall(r"^\| (?:pai|vcd) \| [\d.]+ \| ([+-][\d.]+) \[([+-][\d.]+), ([+-][\d.]+)\]", report,
                          flags=re.M)
@@ -82,7 +90,7 @@ def test_the_trained_model_is_a_normal_folder_for_the_cli(demo, capsys):
 
 def test_rerun_resumes_without_retraining(demo):
     out, result = demo
-    again = run_demo(out, steps=DEMO_STEPS, num_images=DEMO_IMAGES, mitigations=["pai", "vcd"], progress=False)
+    again = run_demo(out, steps=DEMO_STEPS, num_images=DEMO_IMAGES, mitigations=["pai", "vcd", "exit"], progress=False)
     assert again["settings"]["reused_training"] and not result["settings"]["reused_training"]
     assert again["settings"]["train_seconds"] == result["settings"]["train_seconds"]  # reported, not re-measured
     assert "this re-run reused that model" in (out / "report.md").read_text()

@@ -285,8 +285,7 @@ ROUTER_PREFIX = "exit_router."
 class ExitRouters(nn.Module):
     """DyVTE's per-layer routers: Linear(2d -> h) -> GELU -> Linear(h -> 2) on [mean of the text tokens' hidden
     states; the last token's] entering a layer; logit 1 above logit 0 means "the image tokens may exit here".
-    A batch exits at the first layer where every row's router says so (DyVTE decides per sample: the same for
-    a batch of one)."""
+    Each row of a batch exits at the first layer where its router says so, as DyVTE decides per sample."""
 
     def __init__(self, hidden_size: int, num_layers: int, width: int | None = None):
         super().__init__()
