@@ -78,16 +78,21 @@ def decode_costs(model, processor, inputs, methods, new_tokens=40, rounds=5) -> 
     """method -> timings of forced-length greedy decodes of `new_tokens` on `inputs` (one prompt): one warm-up
     round, then `rounds` rounds with the methods interleaved in every round so that load from other processes
     hits them alike."""
+    calls = {method: forced_greedy(model, processor, inputs, method, new_tokens) for method in methods}
+    return time_generations(calls, repeats=rounds)
+
+
+def forced_greedy(model, processor, inputs, method: str, new_tokens: int):
+    """`generate(streamer=None)`: a greedy decode of exactly `new_tokens` tokens of `inputs` with `method` (a
+    method string of the table, "none" for plain decoding)."""
     from vlm.mitigation import generate_with_mitigation
 
-    def forced_greedy(method):
-        spec = spec_for(method)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-        if spec is None:
-            return lambda streamer: model.generate(**inputs, **kwargs, streamer=streamer)
-        return lambda streamer: generate_with_mitigation(model, spec, processor, **inputs, **kwargs, streamer=streamer)
-
-    return time_generations({method: forced_greedy(method) for method in methods}, repeats=rounds)
+    spec = spec_for(method)
+    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+    if spec is None:
+        return lambda streamer=None: model.generate(**inputs, **kwargs, streamer=streamer)
+    return lambda streamer=None: generate_with_mitigation(model, spec, processor, **inputs, **kwargs,
+                                                          streamer=streamer)
 
 
 def cost_columns(timing: GenerationTiming, plain: GenerationTiming) -> dict:
@@ -110,17 +115,18 @@ def ensure_stats(model, processor, scenes, split, num_images=16):
     return f"calibrated on {len(files)} {split} images"
 
 
-def format_table(rows: list[dict]) -> str:
-    columns = ["method", "pope_acc", "pope_f1", "pope_yes", "chair_s", "chair_i", "recall", "length",
-               "ms_per_token", "cost_per_token", "cost_e2e"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        cells = []
-        for column in columns:
-            value = row.get(column)
-            cells.append("n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value))
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+TABLE_COLUMNS = ["method", "pope_acc", "pope_f1", "pope_yes", "chair_s", "chair_i", "recall", "length",
+                 "ms_per_token", "cost_per_token", "cost_e2e"]
+
+
+def format_table(rows: list[dict], columns: list[str] = TABLE_COLUMNS) -> str:
+    """The rows as a markdown table of `columns`: floats to 3 decimals, "n/a" where a row has no value."""
+    from eval.report import markdown_table
+
+    def cell(value):
+        return "n/a" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    return markdown_table(columns, [[cell(row.get(column)) for column in columns] for row in rows])
 
 
 def hf_family_costs(family: str, rounds: int) -> list[dict]:

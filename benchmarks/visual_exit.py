@@ -24,10 +24,11 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.mitigation import CHAIR_PROMPT, add_run_arguments, chair_scores, pope_scores
+from benchmarks.mitigation import (CHAIR_PROMPT, add_run_arguments, chair_scores, forced_greedy, format_table,
+                                   pope_scores)
 from benchmarks.timing import print_warnings, time_generations
 from vlm.mitigation import model_mitigation_stats
-from vlm.mitigation.token_exit import ROUTER_PREFIX
+from vlm.mitigation.token_exit import ExitRouters
 from vlm.processing import IMAGE_MARKER
 
 POPE_PROMPT = f"{IMAGE_MARKER}\nIs there a star in the image?"
@@ -40,14 +41,6 @@ def exit_methods(num_layers: int, layers: list[int] | None, with_routers: bool) 
     return ["none", *fixed, *(["exit:layer=auto"] if with_routers else [])]
 
 
-def forced(model, processor, inputs, method, new_tokens):
-    from benchmarks.mitigation import spec_for
-
-    kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                  mitigation=spec_for(method), processor=processor)
-    return lambda streamer=None: model.generate(**inputs, **kwargs, streamer=streamer)
-
-
 def call_flops(generate) -> int:
     with FlopCounterMode(display=False) as counter:
         generate()
@@ -58,17 +51,17 @@ def timing_rows(model, processor, image, methods, batch_size, rounds) -> dict[st
     rows = {method: {"method": method} for method in methods}
     for task, prompt, new_tokens in (("pope", POPE_PROMPT, 8), ("chair", CHAIR_PROMPT, 40)):
         inputs = processor(images=[image] * batch_size, text=[prompt] * batch_size)
-        calls = {method: forced(model, processor, inputs, method, new_tokens) for method in methods}
+        calls = {method: forced_greedy(model, processor, inputs, method, new_tokens) for method in methods}
         timings = time_generations(calls, repeats=rounds)
         print_warnings(*timings.values())
-        plain = timings["none"]
+        plain, plain_flops = timings["none"], call_flops(calls["none"])
         for method, timing in timings.items():
             rows[method].update({
                 f"{task}_prefill_ms": 1000 * timing.prefill.minimum,
                 f"{task}_decode_ms": 1000 * timing.per_token.minimum,
                 f"{task}_e2e_ms": 1000 * timing.total.minimum,
                 f"{task}_time": timing.total.minimum / plain.total.minimum,
-                f"{task}_flops": call_flops(calls[method]) / call_flops(calls["none"]),
+                f"{task}_flops": call_flops(calls[method]) / plain_flops,
             })
     return rows
 
@@ -97,16 +90,9 @@ def synthetic_model(image_tokens: int = 576):
     return model, VLMProcessor.from_model(model, tokenizer)
 
 
-def format_table(rows: list[dict], with_scores: bool) -> str:
-    columns = ["method", "pope_prefill_ms", "pope_decode_ms", "pope_time", "pope_flops", "chair_prefill_ms",
-               "chair_decode_ms", "chair_time", "chair_flops"]
-    if with_scores:
-        columns += ["pope_acc", "pope_f1", "chair_s", "chair_i", "recall"]
-    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    for row in rows:
-        lines.append("| " + " | ".join(
-            f"{row[c]:.3f}" if isinstance(row.get(c), float) else str(row.get(c, "n/a")) for c in columns) + " |")
-    return "\n".join(lines)
+TIMING_COLUMNS = ["method", "pope_prefill_ms", "pope_decode_ms", "pope_time", "pope_flops", "chair_prefill_ms",
+                  "chair_decode_ms", "chair_time", "chair_flops"]
+SCORE_COLUMNS = ["pope_acc", "pope_f1", "chair_s", "chair_i", "recall"]
 
 
 def main(argv=None):
@@ -140,11 +126,12 @@ def main(argv=None):
         image = load_image(chair_images[0][1])
     model.generation_config.eos_token_id = processor.stop_token_id
     model.generation_config.pad_token_id = processor.tokenizer.pad_token_id
-    routers = any(key.startswith(ROUTER_PREFIX) for key in model_mitigation_stats(model))
+    routers = ExitRouters.of_model(model, model_mitigation_stats(model)) is not None
     methods = exit_methods(model.config.text_config.num_hidden_layers, args.layers, routers)
+    scored = not (args.timing_only or args.synthetic)
     with torch.no_grad():
         rows = timing_rows(model, processor, image, methods, args.batch_size, args.rounds)
-        if not (args.timing_only or args.synthetic):
+        if scored:
             pope, image_root = scenes_pope(args.scenes, args.split)
             for method in methods:
                 rows[method].update(pope_scores(model, processor, pope["adversarial"][:args.pope], image_root,
@@ -152,7 +139,7 @@ def main(argv=None):
                 rows[method].update(chair_scores(model, processor, (chair_images[:args.chair], ground_truth,
                                                                     vocabulary), method, 64, args.batch_size))
                 print(json.dumps(rows[method]), flush=True)
-    table = format_table(list(rows.values()), not (args.timing_only or args.synthetic))
+    table = format_table(list(rows.values()), TIMING_COLUMNS + (SCORE_COLUMNS if scored else []))
     print(f"{model.num_image_tokens} image tokens per image, {len(methods) - 1} exit layers; time and FLOPs as "
           f"ratios to plain decoding\n{table}")
     if args.out:

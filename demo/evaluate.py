@@ -93,41 +93,48 @@ def evaluate_model(model_dir: Path, scenes: Path, out_dir: Path, mitigations: li
         add_probes(run["pope_adversarial"], run["chair"])
         results["mitigation"][method] = run
         results["speed"][method] = decode_speed(model, processor, chair_images[:batch_size], kwargs["mitigation"])
-    if "exit" in mitigations:  # the visual-token exit at every layer: what it saves and what it costs
+    plain_pope = results["pope"]["splits"]["adversarial"]
+    if "pope_adversarial" in results["mitigation"].get("exit", {}):  # the exit at every layer: its savings and costs
+        answered = {"none": plain_pope, f"exit:layer={DEMO_OPTIONS['exit']['layer']}":
+                    results["mitigation"]["exit"]["pope_adversarial"]}
         results["visual_exit"] = exit_tradeoff(model, processor, pope_splits["adversarial"], image_root, answers,
-                                               load_image(chair_images[0][1]), greedy, common)
+                                               load_image(chair_images[0][1]), answered, greedy, common)
     if model.vision_tower.compressed_grid is not None:  # LookupViT: what each compressed grid costs and gives
         results["compressed_grid"] = grid_tradeoff(model, processor, pope_splits["adversarial"], image_root, answers,
-                                                   chair_images[:batch_size], greedy, common)
+                                                   chair_images[:batch_size], plain_pope, greedy, common)
     results["attention"] = attention_picture(model, processor, chair_images[0], vocabulary, out_dir)
     return results
 
 
 @torch.no_grad()
-def exit_tradeoff(model, processor, questions, image_root, answers: Path, image, generation_kwargs: dict,
-                  options: dict) -> dict:
+def exit_tradeoff(model, processor, questions, image_root, answers: Path, image, answered: dict,
+                  generation_kwargs: dict, options: dict) -> dict:
     """Adversarial POPE, prefill and decode time and FLOPs with the image tokens leaving at each layer (and where
-    the routers decide), timed as `benchmarks.visual_exit` does on a batch of 16 copies of one test image."""
+    the routers decide), timed as `benchmarks.visual_exit` does on a batch of 16 copies of one test image.
+    `answered`: the POPE results the demo already has (plain decoding's, the routers'), by method string."""
     from benchmarks.mitigation import spec_for
     from benchmarks.visual_exit import exit_methods, timing_rows
     from eval.tasks import run_pope
 
-    methods = exit_methods(len(model.language_model.get_decoder().layers), None, with_routers=True)
+    methods = exit_methods(model.config.text_config.num_hidden_layers, None, with_routers=True)
     rows = timing_rows(model, processor, image, methods, batch_size=16, rounds=3)
     for method in methods:
-        mitigation = spec_for(method)
-        name = "plain" if mitigation is None else f"exit{mitigation['exit']['layer']}"
-        pope = run_pope(model, processor, questions, image_root, answers / f"pope_adversarial_{name}.jsonl",
-                        generation_kwargs={**generation_kwargs, "mitigation": mitigation}, **options)
+        pope = answered.get(method)
+        if pope is None:
+            mitigation = spec_for(method)
+            pope = run_pope(model, processor, questions, image_root,
+                            answers / f"pope_adversarial_exit{mitigation['exit']['layer']}.jsonl",
+                            generation_kwargs={**generation_kwargs, "mitigation": mitigation}, **options)
         rows[method].update(accuracy=pope["accuracy"], f1=pope["f1"])
     return rows
 
 
 @torch.no_grad()
-def grid_tradeoff(model, processor, questions, image_root, answers: Path, timing_images: list[tuple],
+def grid_tradeoff(model, processor, questions, image_root, answers: Path, timing_images: list[tuple], own_pope: dict,
                   generation_kwargs: dict, options: dict) -> dict:
     """LookupViT's compressed grid at inference: adversarial POPE and the tower's time for a batch of images at
-    each grid the demo trains with, the model's own grid restored afterwards."""
+    each grid the demo trains with, the model's own grid restored afterwards. `own_pope`: the POPE result the
+    demo already has at the model's own grid."""
     from benchmarks.timing import time_call
     from eval.tasks import run_pope
 
@@ -139,8 +146,9 @@ def grid_tradeoff(model, processor, questions, image_root, answers: Path, timing
     try:
         for grid in LOOKUPVIT_GRIDS:
             model.vision_tower.set_compressed_grid(grid)
-            pope = run_pope(model, processor, questions, image_root, answers / f"pope_adversarial_grid{grid}.jsonl",
-                            generation_kwargs=generation_kwargs, **options)
+            pope = own_pope if (grid, grid) == own else run_pope(
+                model, processor, questions, image_root, answers / f"pope_adversarial_grid{grid}.jsonl",
+                generation_kwargs=generation_kwargs, **options)
             tower = time_call(lambda: model.get_image_features(pixels), repeats=5)
             rows[str(grid)] = {"accuracy": pope["accuracy"], "f1": pope["f1"], "tower_seconds": tower.minimum,
                                "images": len(timing_images)}

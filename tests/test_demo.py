@@ -142,13 +142,15 @@ def test_seed_spread_survives_a_split_without_probes():
 
 
 def test_lookupvit_grid_tradeoff_measures_each_grid_and_restores_the_model(tmp_path):
-    """The demo's LookupViT table: one POPE run and one tower timing per trained grid, each grid really used
-    (the answers' settings record it), the model's own grid back afterwards; the report renders the table."""
+    """The demo's LookupViT table: one POPE run (the demo's own at the model's grid) and one tower timing per
+    trained grid, each grid really used (the answers' settings record it), the model's own grid back afterwards;
+    the report renders the table."""
     from data.scenes import SceneConfig, generate_scenes
     from demo.evaluate import grid_tradeoff
     from demo.recipe import LOOKUPVIT_GRIDS
     from demo.report import _grid_section
     from eval.sources import scenes_chair, scenes_pope
+    from eval.tasks import run_pope
     from vlm.testing import tiny_vlm
 
     model, processor = tiny_vlm(vision="test_lookupvit", vision_kwargs={"img_size": 32}, image_size=32, seed=1)
@@ -156,13 +158,21 @@ def test_lookupvit_grid_tradeoff_measures_each_grid_and_restores_the_model(tmp_p
                     config=SceneConfig(image_size=32, splits={"test": 1.0}, pope_per_image=1))
     pope, image_root = scenes_pope(tmp_path / "scenes", "test")
     images, _, _ = scenes_chair(tmp_path / "scenes", "test")
-    result = grid_tradeoff(model, processor, pope["adversarial"], image_root, tmp_path / "answers", images[:2],
-                           {"do_sample": False, "max_new_tokens": 2}, {"batch_size": 2, "progress": False})
+    greedy, options = {"do_sample": False, "max_new_tokens": 2}, {"batch_size": 2, "progress": False}
+    # the demo's own POPE run, at the model's grid: reused, not asked again
+    own = run_pope(model, processor, pope["adversarial"], image_root, tmp_path / "answers" / "pope_adversarial.jsonl",
+                   generation_kwargs=greedy, **options)
+    result = grid_tradeoff(model, processor, pope["adversarial"], image_root, tmp_path / "answers", images[:2], own,
+                           greedy, options)
     assert list(result["grids"]) == [str(grid) for grid in LOOKUPVIT_GRIDS] and result["default"] == [5, 5]
     assert model.vision_tower.compressed_grid == (5, 5)
+    assert result["grids"]["5"]["accuracy"] == own["accuracy"]
+    assert not (tmp_path / "answers" / "pope_adversarial_grid5.jsonl").exists()
     for grid in LOOKUPVIT_GRIDS:
-        settings = json.loads((tmp_path / "answers" / f"pope_adversarial_grid{grid}.jsonl.settings.json").read_text())
-        assert settings["model"]["compressed_grid"] == [grid, grid]
+        if grid != 5:
+            settings = json.loads((tmp_path / "answers" / f"pope_adversarial_grid{grid}.jsonl.settings.json")
+                                  .read_text())
+            assert settings["model"]["compressed_grid"] == [grid, grid]
         assert result["grids"][str(grid)]["tower_seconds"] > 0
     (title, table, _), = _grid_section({"compressed_grid": result})
     assert "| 5x5 (default) |" in table and "1.00x" in table

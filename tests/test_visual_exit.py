@@ -321,9 +321,31 @@ def test_calibration_trains_routers_that_reload_and_run(tmp_path):
     features = torch.randn(3, 2 * config.hidden_size)
     torch.testing.assert_close(routers.logits(1, features),
                                ExitRouters.from_stats(stats, config.hidden_size, config.num_hidden_layers).logits(1, features))
-    model.mitigation_stats = stats
-    inputs = processor(images=[RED], text=["<image>\nWhat is in the picture?"])
-    model.generate(**inputs, max_new_tokens=3, mitigation="exit:layer=auto")
+
+
+def test_routers_of_the_calibration_command_reload_with_the_model(tmp_path):
+    """As a user: `python -m vlm.mitigation` on a saved model, the model reloaded from its folder, then
+    exit:layer=auto: a prompt of one row exits at one layer, so the answer is that of a fixed exit (or plain)."""
+    from vlm import VisionLanguageModel
+    from vlm.mitigation import STATS_FILE
+    from vlm.mitigation.__main__ import main
+
+    model, processor = tiny_vlm(seed=3)
+    model.save_pretrained(tmp_path / "model")
+    processor.save_pretrained(tmp_path / "model")
+    (tmp_path / "images").mkdir()
+    for index, image in enumerate([RED, GRADIENT, RED.rotate(90)]):
+        image.save(tmp_path / "images" / f"{index}.png")
+    main(["--model", str(tmp_path / "model"), "--images", str(tmp_path / "images"), "--num", "3"])
+    assert (tmp_path / "model" / STATS_FILE).is_file()
+    reloaded = VisionLanguageModel.from_pretrained(tmp_path / "model").eval()
+    inputs = processor(images=[GRADIENT], text=["<image>\nWhat is in the picture?"])
+    auto = reloaded.generate(**inputs, **GREEDY, mitigation="exit:layer=auto")
+    layers = reloaded.config.text_config.num_hidden_layers
+    fixed = [reloaded.generate(**inputs, **GREEDY, mitigation={"exit": {"layer": layer}})
+             for layer in range(1, layers + 1)]  # the last: no exit
+    assert any(torch.equal(auto.sequences, other.sequences)
+               and all(torch.allclose(a, b, atol=1e-5) for a, b in zip(auto.logits, other.logits)) for other in fixed)
 
 
 def test_exit_from_the_command_line_matches_the_api(tmp_path, capsys):

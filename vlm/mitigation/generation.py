@@ -1,9 +1,9 @@
 """`generate` with mitigation methods switched on for one call, and everything undone afterwards.
 
 Each method writes its part into a `registry.Plan` (its own file says what); the plan then runs in a fixed
-order: the visual-token exit's layer hooks; attention edits (PAI/PAINT/VAR) first, so VHR's head selection pass already sees them; then VHR
-selects its heads and installs its scaling hooks; a contrastive method adds its branch as a logits
-processor. An `ExitStack` removes every hook and restores the attention implementation when generation ends,
+order: the visual-token exit's layer hooks; the attention edits (PAI/PAINT/VAR), so that VHR's head selection
+pass already sees them; then VHR selects its heads and installs its scaling hooks; a contrastive method adds its
+branch as a logits processor. An `ExitStack` removes every hook and restores the attention implementation when generation ends,
 also after an exception.
 """
 

@@ -145,8 +145,8 @@ def _check_exit(resolved: dict, num_layers: int):
     resolved["exit"]["layer"] = layer
     lowest = 1 if layer == "auto" else layer  # the routers may exit from layer 1 on
     for name, options in resolved.items():
-        above = [index for index in options.get("layers") or [] if index >= lowest]
-        if name != "exit" and above:
+        above = [index for index in options.get("layers", []) if index >= lowest]  # the exit has no `layers`
+        if above:
             raise ValueError(f"{name} works on image attention in layers {above}, at or above the visual-token exit "
                              f"at layer {layer}, where no image tokens are left: give {name} layers below {lowest} "
                              "or exit later")

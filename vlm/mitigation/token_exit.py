@@ -6,8 +6,8 @@ their keys and values in the KV cache, so prefill and every decode step do less 
 positions. What the text computes is then exactly what it would compute if, from that layer on, no query could
 attend to an image key (the tests check this against that masked model).
 
-`exit:layer=auto` lets DyVTE's routers decide the layer per prefill (`ExitRouters`, trained by `train_exit_routers`
-when the model's mitigation statistics are calibrated).
+`exit:layer=auto` lets DyVTE's routers decide the layer for each row of a prefill (`ExitRouters`, trained by
+`train_exit_routers` when the model's mitigation statistics are calibrated).
 
 It is an efficiency method, not a hallucination mitigation, but it is switched on per `generate` call in the same
 way (`mitigation="exit:layer=8"`) so that it composes with them: the contrastive methods (VCD, ICD, LQCD) run
@@ -19,7 +19,6 @@ each row are packed to the right, as left padding, and the packing slots stay ma
 """
 
 import weakref
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -83,13 +82,17 @@ class ExitState:
 def pack_kept(keep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, L) bool -> `(index, valid)` (B, R): each row's kept positions in order, packed to the right (R = the
     most any row keeps); packing slots point at position 0 and are not valid."""
-    counts = keep.sum(1)
-    width = int(counts.max()) if keep.numel() else 0
+    width = int(keep.sum(1).max())
     positions = torch.arange(keep.shape[1], device=keep.device).expand_as(keep)
     # sort kept positions to the end, in order: dropped ones get -1 and come first
     ordered = torch.where(keep, positions, torch.full_like(positions, -1)).sort(1).values[:, keep.shape[1] - width:]
     valid = ordered >= 0
     return ordered.clamp(min=0), valid
+
+
+def text_tokens(image: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, L) the tokens that are neither image nor padding: what the routers average."""
+    return ~image if attention_mask is None else ~image & attention_mask.bool()
 
 
 def _blocked(mask: torch.Tensor):
@@ -154,8 +157,7 @@ class VisualTokenExit:
             raise ValueError("exit:layer=auto needs the exit routers trained for this model: "
                              "python -m vlm.mitigation --model DIR --images DIR trains and saves them")
         self.model, self.layer, self.routers = model, layer, routers
-        layer = routers.first_layer if layer == "auto" else layer
-        self.first_layer = layer
+        self.first_layer = routers.first_layer if layer == "auto" else layer
         decoder = text_decoder(model)
         backend = decoder.config._attn_implementation or ""
         if backend.startswith(("flash", "flex")):
@@ -163,7 +165,8 @@ class VisualTokenExit:
                              "use attn_implementation='sdpa' or 'eager'")
         layer_types = getattr(decoder.config, "layer_types", None) or []
         self.window = getattr(decoder.config, "sliding_window", None)
-        self.sliding = {i for i, kind in enumerate(layer_types) if kind == "sliding_attention" and i >= layer}
+        self.sliding = {i for i, kind in enumerate(layer_types)
+                        if kind == "sliding_attention" and i >= self.first_layer}
         self.by_cache = weakref.WeakKeyDictionary()
         self.current: ExitState | None = None
         self.current_is_prefill = False
@@ -197,9 +200,8 @@ class VisualTokenExit:
         if image.any():
             if past:
                 raise ValueError("visual-token exit: image tokens after a filled KV cache (prefill every image)")
-            mask = inputs["attention_mask"]
-            text = ~image if mask is None else ~image & mask.bool()
             exited = torch.zeros(image.shape[0], dtype=torch.bool, device=image.device)
+            text = text_tokens(image, inputs["attention_mask"])
             self.current, self.current_is_prefill = ExitState(image, text, exited), True
             if cache is not None:
                 self.by_cache[cache] = self.current
@@ -355,8 +357,8 @@ def exit_labels(model, inputs: dict, continuation: torch.Tensor, agreement: floa
         extended["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], answer], dim=1)
     steps = continuation.shape[1]
 
-    def scores(layer):
-        with VisualTokenExit(model, layer) if layer < num_layers else nullcontext():
+    def scores(layer):  # layer = num_layers: the full model
+        with VisualTokenExit(model, layer):
             logits = model(**extended, use_cache=False).logits[:, -steps - 1:-1].float()
         loss = torch.nn.functional.cross_entropy(logits.transpose(1, 2), continuation, reduction="none").mean(1)
         return logits.argmax(-1), loss
@@ -372,17 +374,17 @@ def exit_labels(model, inputs: dict, continuation: torch.Tensor, agreement: floa
 
 def train_exit_routers(model, batches, new_tokens: int = 16, steps: int = 300, seed: int = 0) -> ExitRouters:
     """Train the routers on `batches` of model inputs (each a prompt batch with images): labels from
-    `exit_labels` on the model's own greedy answers, features from the full model's prefill."""
+    `exit_labels` on the model's own greedy answers, features from the full model's prefill (of that answer)."""
     num_layers = len(decoder_layers(model))
     features, labels = [], []
     for inputs in batches:
         with torch.no_grad():
-            answer = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-            continuation = answer[:, inputs["input_ids"].shape[1]:]
-            hidden = model(**inputs, use_cache=False, output_hidden_states=True).hidden_states
+            answer = model.generate(**inputs, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                                    output_hidden_states=True, return_dict_in_generate=True)
+        continuation = answer.sequences[:, inputs["input_ids"].shape[1]:]
+        hidden = answer.hidden_states[0]  # the prefill's: what enters each layer, then the final norm's input
         image = image_positions(model, inputs["input_ids"], inputs.get("mm_token_type_ids"))
-        mask = inputs.get("attention_mask")
-        text = ~image if mask is None else ~image & mask.bool()
+        text = text_tokens(image, inputs.get("attention_mask"))
         features.append(torch.stack([ExitRouters.features(hidden[layer], text) for layer in range(num_layers)], 1))
         labels.append(exit_labels(model, inputs, continuation))
     features, labels = torch.cat(features), torch.cat(labels).long()
