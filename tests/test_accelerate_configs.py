@@ -1,5 +1,5 @@
 """The shipped accelerate configs read as accelerate reads them: its own config parser, and for FSDP its plugin,
-which refuses options FSDP2 does not have. (DeepSpeed's plugin needs the deepspeed package, not installed here.)"""
+which refuses options FSDP2 does not have. (They also train, on CPU processes: tests/test_train_engines.py.)"""
 
 from pathlib import Path
 

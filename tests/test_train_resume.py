@@ -145,6 +145,15 @@ def test_cpu_launch_without_mpirun_is_refused(tmp_path, scenes, monkeypatch):
         train(recipe(tmp_path / "run", scenes))
 
 
+def test_processes_that_each_run_alone_are_refused(tmp_path, scenes, monkeypatch):
+    # what accelerate's GPU launcher gives each process on a machine without a GPU when ACCELERATE_USE_CPU is unset
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("ACCELERATE_USE_CPU", raising=False)
+    with pytest.raises(RuntimeError, match="accelerate started 2 processes but each runs alone"):
+        train(recipe(tmp_path / "run", scenes))
+
+
 @pytest.mark.slow
 def test_documented_launch_form_ignores_the_users_files(tmp_path, scenes):
     """`accelerate launch "$(which vlm)" train ...` from a folder holding a train.py, data.py and eval.py of the

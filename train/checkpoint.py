@@ -12,8 +12,13 @@ It is written as `ckpt-000050.tmp/` and renamed when complete, so a kill during 
 checkpoint untouched; stale `.tmp` folders are ignored and removed.
 
 Nothing in a checkpoint is pickled, so a checkpoint from anywhere can be read without running its code. The one
-exception is sharded set-ups (DeepSpeed, FSDP): they store the optimizer through `accelerator.save_state` in
-`accelerate_state/`, which pickles: resume those only from checkpoints you wrote yourself.
+exception is DeepSpeed: its ZeRO shards are stored through `accelerator.save_state` in `accelerate_state/`, which
+pickles: resume those only from checkpoints you wrote yourself.
+
+Weights and optimizer state are full (unsharded) state dicts keyed by parameter name, gathered on the main
+process also under FSDP: a checkpoint does not depend on how many processes wrote it, so a run may resume with
+another number of processes (same global batch). The price is one whole copy of the trainable state in the main
+process's CPU memory per save.
 """
 
 import json
@@ -25,6 +30,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
 
 CHECKPOINT_PATTERN = re.compile(r"^ckpt-(\d+)$")
 TRAINABLE_FILE = "trainable.safetensors"
@@ -33,6 +40,8 @@ OPTIMIZER_FILE = "optimizer.json"
 SCHEDULER_FILE = "scheduler.json"
 STATE_FILE = "trainer_state.json"
 SHARDED_STATE_DIR = "accelerate_state"
+# whole tensors on the main process's CPU (the other processes get empty dicts)
+GATHERED = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
 # ------------------------------------------------------------------------------------------- weights
@@ -82,31 +91,33 @@ def check_fingerprint(saved: dict, current: dict, checkpoint: Path):
 
 # -------------------------------------------------------------------------------------------- optimizer
 def save_optimizer_state(state: dict, folder: Path):
-    """Write `optimizer.state_dict()` as safetensors (every tensor, keyed `state.<param id>.<name>`) plus JSON
-    (the rest, with each tensor's place recorded)."""
-    tensors, per_param = {}, {}
-    for param_id, values in state["state"].items():
-        entry = per_param[str(param_id)] = {"tensors": [], "values": {}}
+    """Write an optimizer state dict as safetensors (every tensor, keyed `state.<param key>.<name>`) plus JSON
+    (the rest, with each tensor's place recorded). Param keys are ids (`optimizer.state_dict()`) or names
+    (`get_optimizer_state_dict`); the JSON keeps which."""
+    tensors, per_param = {}, []
+    for param_key, values in state["state"].items():
+        entry = {"key": param_key, "tensors": [], "values": {}}
         for name, value in values.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"state.{param_id}.{name}"] = value.detach().cpu().contiguous()
+                tensors[f"state.{param_key}.{name}"] = value.detach().cpu().contiguous()
                 entry["tensors"].append(name)
             else:
                 entry["values"][name] = value
+        per_param.append(entry)
     save_file(tensors, str(folder / OPTIMIZER_TENSORS_FILE))
     (folder / OPTIMIZER_FILE).write_text(json.dumps({"state": per_param, "param_groups": state["param_groups"]}))
 
 
 def load_optimizer_state(folder: Path, optimizer: torch.optim.Optimizer) -> dict:
-    """The state dict written by `save_optimizer_state`, ready for `optimizer.load_state_dict`. JSON has no
-    tuples, so hyper-parameters that are tuples in `optimizer` (Adam's betas) become tuples again."""
+    """The state dict written by `save_optimizer_state`. JSON has no tuples, so hyper-parameters that are
+    tuples in `optimizer` (Adam's betas) become tuples again."""
     tensors = load_file(str(folder / OPTIMIZER_TENSORS_FILE))
     saved = json.loads((folder / OPTIMIZER_FILE).read_text())
     state = {}
-    for param_id, entry in saved["state"].items():
+    for entry in saved["state"]:
         values = dict(entry["values"])
-        values.update({name: tensors[f"state.{param_id}.{name}"] for name in entry["tensors"]})
-        state[int(param_id)] = values
+        values.update({name: tensors[f"state.{entry['key']}.{name}"] for name in entry["tensors"]})
+        state[entry["key"]] = values
     groups = saved["param_groups"]
     for group, live in zip(groups, optimizer.param_groups):
         for key, value in group.items():
@@ -171,8 +182,20 @@ def prune_checkpoints(root, keep_last: int):
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _is_sharded(accelerator) -> bool:
-    return accelerator.distributed_type.value in ("DEEPSPEED", "FSDP")
+def _uses_deepspeed(accelerator) -> bool:
+    return accelerator.distributed_type.value == "DEEPSPEED"
+
+
+def gathered_state(accelerator, model) -> dict[str, torch.Tensor]:
+    """The whole state dict of `model`, on the main process (sharded parameters gathered; the other processes
+    get an empty or partial dict). Every process must call it."""
+    if _uses_deepspeed(accelerator):
+        return accelerator.get_state_dict(model)
+    return get_model_state_dict(accelerator.unwrap_model(model), options=GATHERED)
+
+
+def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    return getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
 
 
 # -------------------------------------------------------------------------------------- save / load
@@ -183,20 +206,20 @@ def save_checkpoint(root, step: int, accelerator, model, optimizer, scheduler, t
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
     unwrapped = accelerator.unwrap_model(model)
-    # Sharded set-ups gather the full state on every process; only the main one writes.
-    full_state = accelerator.get_state_dict(model) if _is_sharded(accelerator) else None
-    weights = trainable_state_dict(unwrapped, full_state)
+    weights = trainable_state_dict(unwrapped, gathered_state(accelerator, model))
+    optimizer_state = None if _uses_deepspeed(accelerator) else \
+        get_optimizer_state_dict(unwrapped, _unwrap_optimizer(optimizer), options=GATHERED)
     if accelerator.is_main_process:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     accelerator.wait_for_everyone()
-    if _is_sharded(accelerator):
+    if _uses_deepspeed(accelerator):
         accelerator.save_state(str(tmp / SHARDED_STATE_DIR))
     (tmp / f"rng_rank{accelerator.process_index}.json").write_text(json.dumps(rng_state()))
     if accelerator.is_main_process:
         save_file(weights, str(tmp / TRAINABLE_FILE))
-        if not _is_sharded(accelerator):
-            save_optimizer_state(optimizer.state_dict(), tmp)
+        if optimizer_state is not None:
+            save_optimizer_state(optimizer_state, tmp)
         (tmp / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()))
         (tmp / STATE_FILE).write_text(json.dumps(trainer_state, indent=1))
         (tmp / "config.yaml").write_text(config_yaml)
@@ -210,25 +233,39 @@ def save_checkpoint(root, step: int, accelerator, model, optimizer, scheduler, t
     return final
 
 
-def load_checkpoint(path, accelerator, model, optimizer, scheduler) -> dict:
+def load_checkpoint(path, accelerator, model, optimizer, scheduler, fingerprint: dict | None = None) -> dict:
     """Restore weights, optimizer, scheduler and this process's RNG state from `path`; returns the trainer
-    state (step, consumed batches, ...). Frozen weights must match the fingerprint saved with it."""
+    state (step, consumed batches, ...). Frozen weights must match the fingerprint saved with it (`fingerprint`:
+    this run's, when taken before its parameters were sharded).
+
+    Resuming with another number of processes than wrote the checkpoint restores everything but the RNG states,
+    which belong to the processes that drew from them: each process then seeds its generators from (step, rank), so
+    dropout draws differ from an uninterrupted run's (without dropout, the weights do not)."""
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     unwrapped = accelerator.unwrap_model(model)
-    check_fingerprint(state["frozen_fingerprint"], frozen_fingerprint(unwrapped), path)
+    check_fingerprint(state["frozen_fingerprint"], fingerprint or frozen_fingerprint(unwrapped), path)
     weights = load_file(str(path / TRAINABLE_FILE))
-    missing = set(trainable_state_dict(unwrapped)) - set(weights)
+    # by name only: under FSDP the live parameters are shards
+    missing = {name for name, param in unwrapped.named_parameters() if param.requires_grad} - set(weights)
     if missing:
         raise RuntimeError(f"{path}: {len(missing)} trainable tensors are missing, e.g. {sorted(missing)[:3]}")
-    unwrapped.load_state_dict(weights, strict=False)
-    if _is_sharded(accelerator):
+    if _uses_deepspeed(accelerator):
+        unwrapped.load_state_dict(weights, strict=False)
         accelerator.load_state(str(path / SHARDED_STATE_DIR))
     else:
-        optimizer.load_state_dict(load_optimizer_state(path, optimizer))
+        set_model_state_dict(unwrapped, weights, options=StateDictOptions(full_state_dict=True, strict=False))
+        set_optimizer_state_dict(unwrapped, _unwrap_optimizer(optimizer), load_optimizer_state(path, optimizer),
+                                 options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(json.loads((path / SCHEDULER_FILE).read_text()))
+    writers = state.get("num_processes", 1)
     rng_file = path / f"rng_rank{accelerator.process_index}.json"
-    if not rng_file.is_file():
-        raise RuntimeError(f"{rng_file} is missing: resume with the number of processes that wrote {path}")
-    set_rng_state(json.loads(rng_file.read_text()))
+    if writers == accelerator.num_processes:
+        if not rng_file.is_file():
+            raise RuntimeError(f"{rng_file} is missing: the checkpoint is incomplete")
+        set_rng_state(json.loads(rng_file.read_text()))
+    else:
+        from accelerate.utils import set_seed
+
+        set_seed(state["step"] * 1000 + accelerator.process_index)
     return state

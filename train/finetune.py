@@ -2,6 +2,7 @@
 
     accelerate launch -m train.finetune --config train/configs/demo_tiny.yaml [key=value ...]
     ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2 -m train.finetune --config ...  # 2 CPU processes
+    ACCELERATE_USE_CPU=1 accelerate launch --config_file train/configs/accelerate/fsdp.yaml --num_processes 2 ...
     vlm train --config ... [key=value ...]                 # the same code in one process
     train.finetune.train(load_config(path))              # from Python; returns out_dir/final
 
@@ -25,7 +26,8 @@ import torch
 import torch.nn.functional as F
 from vlm.processing import IGNORE_INDEX
 
-from .checkpoint import frozen_fingerprint, latest_checkpoint, load_checkpoint, remove_unfinished, save_checkpoint
+from .checkpoint import (frozen_fingerprint, gathered_state, latest_checkpoint, load_checkpoint, remove_unfinished,
+                         save_checkpoint)
 from .config import TrainConfig, add_arguments, config_from_args, save_config
 from .data import TrainingMix, build_datasets, conversation_texts, make_collate, text_lengths
 from .lora import has_lora, merge_lora, save_adapter
@@ -117,19 +119,61 @@ def _check_cpu_launch():
         )
 
 
-def _check_distributed_setup(accelerator, config: TrainConfig):
-    """Refuse set-ups the run cannot serve: LoRA merging needs whole parameters on the main process, and
-    DeepSpeed a fixed micro-batch size."""
+def _make_accelerator(config: TrainConfig):
+    """accelerate's Accelerator for the launch at hand, with FSDP and DeepSpeed also on CPU processes.
+
+    accelerate turns its FSDP and DeepSpeed plugins on for GPU-type devices only: launched with such a config on CPU
+    processes (ACCELERATE_USE_CPU=1, gloo) it would silently train plain DDP. There the plugin the launcher
+    describes (its FSDP_* / ACCELERATE_DEEPSPEED_* variables) is turned on here, so that CPU runs take the path
+    GPU runs take, and the CPU tests prove it."""
+    from accelerate import Accelerator
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+
+    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
+                              gradient_accumulation_steps=config.grad_accum * config.data.split_by_length)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if accelerator.num_processes == 1 and launched > 1:
+        raise RuntimeError(
+            f"accelerate started {launched} processes but each runs alone (no GPU, and ACCELERATE_USE_CPU is not "
+            f"set): on CPU processes, launch with ACCELERATE_USE_CPU=1 ({CPU_LAUNCH})")
+    engine = next((name for name in ("FSDP", "DEEPSPEED")
+                   if os.environ.get(f"ACCELERATE_USE_{name}", "false").lower() == "true"), None)
+    if engine is None or accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return accelerator
+    state = accelerator.state
+    if engine == "FSDP":
+        state.fsdp_plugin = FullyShardedDataParallelPlugin()
+        if accelerator.mixed_precision != "no":
+            state.fsdp_plugin.set_mixed_precision(accelerator.mixed_precision)
+    else:
+        state.deepspeed_plugins = DeepSpeedPlugin()
+        state.deepspeed_plugins.set_mixed_precision(accelerator.mixed_precision)
+        state.deepspeed_plugins.select(_from_accelerator_state=True)
+    state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType[engine]
+    return accelerator
+
+
+def parameters_sharded(accelerator) -> bool:
+    """Whether each process holds only a shard of the parameters (FSDP, DeepSpeed ZeRO-3)."""
     kind = accelerator.distributed_type.value
-    zero_stage = accelerator.state.deepspeed_plugin.zero_stage if kind == "DEEPSPEED" else 0
-    if kind == "DEEPSPEED" and config.data.split_by_length > 1:
+    return kind == "FSDP" or (kind == "DEEPSPEED" and accelerator.state.deepspeed_plugin.zero_stage == 3)
+
+
+def _engine_name(accelerator) -> str:
+    kind = accelerator.distributed_type.value
+    if kind == "FSDP":
+        return f"FSDP (fsdp_version {accelerator.state.fsdp_plugin.fsdp_version})"
+    if kind == "DEEPSPEED":
+        return f"DeepSpeed (ZeRO-{accelerator.state.deepspeed_plugin.zero_stage})"
+    return f"DDP ({kind})"
+
+
+def _check_distributed_setup(accelerator, config: TrainConfig):
+    """Refuse set-ups the run cannot serve: DeepSpeed needs a fixed micro-batch size."""
+    if accelerator.distributed_type.value == "DEEPSPEED" and config.data.split_by_length > 1:
         raise ValueError("data.split_by_length > 1 gives micro-batches of varying sizes, which DeepSpeed's fixed "
                          "micro-batch size cannot describe: set it to 1 for DeepSpeed runs")
-    if config.stage.name == "finetune" and config.stage.lora and (kind == "FSDP" or zero_stage == 3):
-        raise ValueError(
-            "a LoRA run merges its adapter on the main process, which needs whole (unsharded) parameters: use DDP "
-            "or DeepSpeed ZeRO-2 (train/configs/accelerate/deepspeed_zero2.yaml); ZeRO-3 / FSDP are for full training"
-        )
 
 
 def _prepare_out_dir(config: TrainConfig, accelerator) -> tuple[Path, Path | None]:
@@ -260,13 +304,11 @@ def train(config: TrainConfig, datasets=None) -> Path:
 
 
 def _train(config: TrainConfig, datasets) -> Path:
-    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
     config.validate(check_data=datasets is None)
     _check_cpu_launch()
-    accelerator = Accelerator(mixed_precision=resolve_precision(config.precision),
-                              gradient_accumulation_steps=config.grad_accum * config.data.split_by_length)
+    accelerator = _make_accelerator(config)
     _check_distributed_setup(accelerator, config)
     out_dir, resume_from = _prepare_out_dir(config, accelerator)
     set_seed(config.seed)
@@ -292,15 +334,20 @@ def _train(config: TrainConfig, datasets) -> Path:
     # The scheduler is stepped by hand once per optimizer step (accelerate would step it once per process).
     scheduler = build_scheduler(optimizer, config.schedule, config.max_steps)
     if accelerator.state.deepspeed_plugin is not None:
-        # our data loader is not passed to prepare(), so DeepSpeed cannot read the micro-batch size from it
-        accelerator.state.deepspeed_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = config.batch_size
+        # DeepSpeed accumulates and clips inside its engine, and our data loader is not passed to prepare(), so
+        # the recipe's batch sizes, accumulation and clipping are written into its config here
+        accumulation = accelerator.gradient_accumulation_steps
+        accelerator.state.deepspeed_plugin.deepspeed_config.update(
+            train_micro_batch_size_per_gpu=config.batch_size, gradient_accumulation_steps=accumulation,
+            train_batch_size=config.batch_size * accelerator.num_processes * accumulation,
+            gradient_clipping=config.optim.max_grad_norm or 0.0)
+    fingerprint = frozen_fingerprint(model)  # of whole tensors: taken before FSDP shards them
     model, optimizer = accelerator.prepare(model, optimizer)
     unwrapped = accelerator.unwrap_model(model)
-    fingerprint = frozen_fingerprint(unwrapped)
 
     step, consumed_batches = 0, 0
     if resume_from is not None:
-        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler)
+        state = load_checkpoint(resume_from, accelerator, model, optimizer, scheduler, fingerprint)
         step, consumed_batches = state["step"], state["consumed_batches"]
         if state["global_batch_size"] != config.batch_size * accelerator.num_processes:
             raise ValueError(
@@ -327,6 +374,8 @@ def _train(config: TrainConfig, datasets) -> Path:
     )
     batches = iter(loader)
     logger = MetricsLogger(out_dir, config, accelerator.is_main_process, start_step=step)
+    if accelerator.num_processes > 1:
+        logger.message(f"engine: {_engine_name(accelerator)} on {accelerator.num_processes} processes")
     if resume_from is not None:
         logger.message(f"resumed from step {step} ({resume_from})")
     config_yaml = (out_dir / "config.yaml").read_text() if accelerator.is_main_process else ""
@@ -370,8 +419,16 @@ def _train(config: TrainConfig, datasets) -> Path:
     logger.close()
 
     final = out_dir / "final"
+    whole = gathered_state(accelerator, model) if parameters_sharded(accelerator) else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        if whole is not None:  # shards cannot be merged or saved: a plain copy of the model takes the whole state
+            from transformers.integrations import unset_hf_deepspeed_config
+
+            unset_hf_deepspeed_config()  # or from_pretrained would build the copy partitioned, waiting for the others
+            unwrapped, _ = build_model(config.model, tokenizer)
+            apply_stage(unwrapped, config.stage, config.lora)
+            unwrapped.load_state_dict(whole)
         final = _save_final(unwrapped, processor, config, out_dir, base_dir)
         if config.logging.plot:
             plot_loss_curve(out_dir / "metrics.jsonl", out_dir / "loss.png")
