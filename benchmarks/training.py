@@ -4,6 +4,7 @@
     python -m benchmarks.training                         # demo_tiny and smollm2_lora_scenes on this machine
     python -m benchmarks.training --recipes demo_tiny --steps 20 --batch-size 16 --threads 2
     python -m benchmarks.training --recipes demo_tiny --processes 1 2 --batch-size 32 --threads 2
+    python -m benchmarks.training --recipes demo_tiny --processes 1 2 --engines ddp fsdp deepspeed_zero2 --threads 2
 
 Each recipe runs in its own process, so its peak memory (resident set on CPU, allocated memory on a GPU)
 is its own. The model, stage, data and optimizer are built by the same functions as `train.finetune`. Steps are
@@ -13,7 +14,10 @@ and steps that vary widely are reported on stderr.
 `--processes 1 2` measures data-parallel training instead: the real `train.finetune` of each recipe at one global
 batch, in 1 process (with all `--threads`) and under `accelerate launch` in N CPU processes (gloo; the threads
 shared out). Start-up (tokenizer, datasets, process spawn) is taken out by running each twice, for `--steps`
-and 4x as many steps, and dividing the extra samples by the extra time.
+and 4x as many steps, and dividing the extra samples by the extra time. `--engines` picks the shipped accelerate
+configs the multi-process runs launch with (`ddp`: plain `--multi_gpu`; `fsdp`, `deepspeed_zero2`, ...:
+`train/configs/accelerate/<name>.yaml`); every run, the 1-process one included, then uses `data.split_by_length=1`,
+which DeepSpeed needs.
 """
 
 import argparse
@@ -143,15 +147,22 @@ def run_isolated(recipe: str, overrides: list[str], steps: int, threads: int) ->
     return result
 
 
-def launch_training(recipe: str, overrides: list[str], processes: int, threads: int, out_dir: Path) -> float:
-    """Wall seconds of one `train.finetune` run of `recipe` on `processes` CPU processes."""
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs" / "accelerate"
+
+
+def launch_training(recipe: str, overrides: list[str], processes: int, threads: int, out_dir: Path,
+                    engine: str = "ddp", fsdp_layer: str = "LlamaDecoderLayer") -> float:
+    """Wall seconds of one `train.finetune` run of `recipe` on `processes` CPU processes under `engine`."""
     command = [sys.executable, "-m", "train.finetune"]
-    if processes > 1:  # CPU processes go through accelerate's torchrun launcher (--multi_gpu) with ACCELERATE_USE_CPU
+    if processes > 1:  # CPU processes go through accelerate's torchrun launchers with ACCELERATE_USE_CPU
         with socket.socket() as probe:
             probe.bind(("127.0.0.1", 0))
             port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        engine_flags = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ACCELERATE_CONFIGS / f"{engine}.yaml")]
+        if engine == "fsdp":
+            engine_flags += ["--fsdp_transformer_layer_cls_to_wrap", fsdp_layer]
+        command = [sys.executable, "-m", "accelerate.commands.launch", *engine_flags, "--num_processes",
+                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
                    "--main_process_port", str(port), "-m", "train.finetune"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": str(max(1, threads // processes))}
@@ -159,26 +170,30 @@ def launch_training(recipe: str, overrides: list[str], processes: int, threads: 
     result = subprocess.run([*command, "--config", recipe, *overrides, f"out_dir={out_dir}", "logging.progress=false",
                              "logging.plot=false"], env=env, capture_output=True, text=True)
     if result.returncode:
-        raise RuntimeError(f"{recipe} on {processes} processes failed:\n{result.stderr[-2000:]}")
+        raise RuntimeError(f"{recipe} on {processes} processes ({engine}) failed:\n{result.stderr[-2000:]}")
     return time.perf_counter() - started
 
 
 def data_parallel_rows(recipe: str, overrides: list[str], process_counts: list[int], steps: int, batch_size: int,
-                       threads: int, tmp: Path) -> list[dict]:
-    """samples/s of `recipe` at global batch `batch_size` on each process count, start-up taken out."""
+                       threads: int, tmp: Path, engines: tuple[str, ...] = ("ddp",)) -> list[dict]:
+    """samples/s of `recipe` at global batch `batch_size` on each process count (the multi-process counts under
+    each of `engines`), start-up taken out."""
+    if engines != ("ddp",):
+        overrides = [*overrides, "data.split_by_length=1"]
     rows = []
     for processes in process_counts:
         if batch_size % processes:
             raise ValueError(f"--batch-size {batch_size} does not split over {processes} processes")
         run = [*overrides, f"batch_size={batch_size // processes}", "checkpoint.save_every=100000"]
-        short, long = (launch_training(recipe, [*run, f"max_steps={n}"], processes, threads, tmp / f"{processes}-{n}")
-                       for n in (steps, 4 * steps))
-        samples_per_s = 3 * steps * batch_size / (long - short)
-        rows.append({"recipe": recipe, "processes": processes, "global_batch": batch_size, "samples_per_s": samples_per_s,
-                     "startup_s": short - steps * batch_size / samples_per_s})
-        print(f"{recipe:<22} {processes} process(es), global batch {batch_size}: {samples_per_s:7.1f} samples/s "
-              f"({samples_per_s / rows[0]['samples_per_s']:.2f}x the first), start-up "
-              f"{rows[-1]['startup_s']:.1f} s", flush=True)
+        for engine in engines if processes > 1 else ("one process",):
+            short, long = (launch_training(recipe, [*run, f"max_steps={n}"], processes, threads,
+                                           tmp / f"{processes}-{engine}-{n}", engine) for n in (steps, 4 * steps))
+            samples_per_s = 3 * steps * batch_size / (long - short)
+            rows.append({"recipe": recipe, "processes": processes, "engine": engine, "global_batch": batch_size,
+                         "samples_per_s": samples_per_s, "startup_s": short - steps * batch_size / samples_per_s})
+            print(f"{recipe:<22} {processes} process(es), {engine:<15} global batch {batch_size}: "
+                  f"{samples_per_s:7.1f} samples/s ({samples_per_s / rows[0]['samples_per_s']:.2f}x the first), "
+                  f"start-up {rows[-1]['startup_s']:.1f} s", flush=True)
     return rows
 
 
@@ -203,6 +218,8 @@ def main(argv=None):
                         help="converted SmolLM2 folder (converted there first when missing)")
     parser.add_argument("--processes", type=int, nargs="+", default=None,
                         help="instead: data-parallel samples/s of the real training on these CPU process counts")
+    parser.add_argument("--engines", nargs="+", default=["ddp"],
+                        help="with --processes: ddp, or shipped accelerate configs (fsdp, deepspeed_zero2, ...)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = parser.parse_args(argv)
 
@@ -223,7 +240,7 @@ def main(argv=None):
                 overrides.append(f"model.llm={convert_smollm2(args.smollm2)}")
             if args.processes:
                 rows += data_parallel_rows(recipe, overrides, args.processes, args.steps, args.batch_size,
-                                           args.threads, Path(tmp))
+                                           args.threads, Path(tmp), tuple(args.engines))
                 continue
             rows.append(run_isolated(recipe, [*overrides, f"batch_size={args.batch_size}"], args.steps, args.threads))
             print(format_row(rows[-1]), flush=True)
