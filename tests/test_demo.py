@@ -26,10 +26,11 @@ def demo(tmp_path_factory):
     return out, result
 
 
-# Every stage of the demo on a fifth of its training (about four minutes on two cores; the whole suite must fit in
-# CI's 15). The loss falls from 5.8 to 0.29 by step 400 (measured), but POPE accuracy is 66% at 600 steps and
-# 71-89% at 800 (measured): whether the model grounds its answers is the full demo's to report, not this test's.
-DEMO_STEPS, DEMO_IMAGES = 400, 1200
+# Every stage of the demo on 150 of its 2,000 steps and a third of its images (under three minutes on two slow
+# cores; the whole suite must fit in CI's 15). The loss falls from 5.5 to 0.46 by step 140 (measured), but POPE
+# accuracy is 66% at 600 steps and 71-89% at 800 (measured): whether the model grounds its answers is the full
+# demo's to report, not this test's.
+DEMO_STEPS, DEMO_IMAGES = 150, 400
 LOSS_FALLS_TO = 0.15  # the last logged training loss, as a fraction of the first
 
 
@@ -90,7 +91,8 @@ def test_the_trained_model_is_a_normal_folder_for_the_cli(demo, capsys):
 
 def test_rerun_resumes_without_retraining(demo):
     out, result = demo
-    again = run_demo(out, steps=DEMO_STEPS, num_images=DEMO_IMAGES, mitigations=["pai", "vcd", "exit"], progress=False)
+    # a re-run asking for other mitigations (here none) still reuses the trained model
+    again = run_demo(out, steps=DEMO_STEPS, num_images=DEMO_IMAGES, mitigations=[], progress=False)
     assert again["settings"]["reused_training"] and not result["settings"]["reused_training"]
     assert again["settings"]["train_seconds"] == result["settings"]["train_seconds"]  # reported, not re-measured
     assert "this re-run reused that model" in (out / "report.md").read_text()
