@@ -11,12 +11,13 @@ a sharded run must answer what one process answers.
 
 import argparse
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchmarks.training import cpu_launcher
 
 VLM = Path(sys.executable).parent / "vlm"
 
@@ -27,12 +28,7 @@ def evaluate(model: Path, scenes: Path, out: Path, processes: int, threads: int,
                "--batch-size", str(batch_size), "--no-progress"]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": str(max(1, threads // processes))}
     if processes > 1:
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), *command]
+        command = [*cpu_launcher(processes), *command]
         env["ACCELERATE_USE_CPU"] = "true"
     started = time.perf_counter()
     result = subprocess.run(command, env=env, capture_output=True, text=True)

@@ -150,20 +150,27 @@ def run_isolated(recipe: str, overrides: list[str], steps: int, threads: int) ->
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "train" / "configs" / "accelerate"
 
 
+def cpu_launcher(processes: int, engine_flags=("--multi_gpu",)) -> list[str]:
+    """`accelerate launch` of `processes` CPU processes (accelerate's torchrun launchers; run them with
+    ACCELERATE_USE_CPU=true), on a free rendezvous port; the program and its arguments follow."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    return [sys.executable, "-m", "accelerate.commands.launch", *engine_flags, "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port)]
+
+
 def launch_training(recipe: str, overrides: list[str], processes: int, threads: int, out_dir: Path,
                     engine: str = "ddp", fsdp_layer: str = "LlamaDecoderLayer") -> float:
     """Wall seconds of one `train.finetune` run of `recipe` on `processes` CPU processes under `engine`."""
     command = [sys.executable, "-m", "train.finetune"]
-    if processes > 1:  # CPU processes go through accelerate's torchrun launchers with ACCELERATE_USE_CPU
-        with socket.socket() as probe:
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        engine_flags = ["--multi_gpu"] if engine == "ddp" else ["--config_file", str(ACCELERATE_CONFIGS / f"{engine}.yaml")]
+    if processes > 1:
+        engine_flags = ["--multi_gpu"]
+        if engine != "ddp":
+            engine_flags = ["--config_file", str(ACCELERATE_CONFIGS / f"{engine}.yaml")]
         if engine == "fsdp":
             engine_flags += ["--fsdp_transformer_layer_cls_to_wrap", fsdp_layer]
-        command = [sys.executable, "-m", "accelerate.commands.launch", *engine_flags, "--num_processes",
-                   str(processes), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-                   "--main_process_port", str(port), "-m", "train.finetune"]
+        command = [*cpu_launcher(processes, engine_flags), "-m", "train.finetune"]
     env = {**os.environ, "ACCELERATE_USE_CPU": "true", "CUDA_VISIBLE_DEVICES": "",
            "OMP_NUM_THREADS": str(max(1, threads // processes))}
     started = time.perf_counter()

@@ -186,12 +186,13 @@ def _uses_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type.value == "DEEPSPEED"
 
 
-def gathered_state(accelerator, model) -> dict[str, torch.Tensor]:
-    """The whole state dict of `model`, on the main process (sharded parameters gathered; the other processes
-    get an empty or partial dict). Every process must call it."""
+def gathered_state(accelerator, model, frozen: bool = True) -> dict[str, torch.Tensor]:
+    """The whole state dict of `model` (without the frozen parameters unless `frozen`), on the main process
+    (sharded parameters gathered; the other processes get an empty or partial dict). Every process must call it."""
     if _uses_deepspeed(accelerator):
         return accelerator.get_state_dict(model)
-    return get_model_state_dict(accelerator.unwrap_model(model), options=GATHERED)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=not frozen)
+    return get_model_state_dict(accelerator.unwrap_model(model), options=options)
 
 
 def _unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
@@ -206,7 +207,8 @@ def save_checkpoint(root, step: int, accelerator, model, optimizer, scheduler, t
     final = root / checkpoint_name(step)
     tmp = root / (final.name + ".tmp")
     unwrapped = accelerator.unwrap_model(model)
-    weights = trainable_state_dict(unwrapped, gathered_state(accelerator, model))
+    # frozen weights are not copied: a LoRA run's checkpoint gathers only its adapters and the trainable parts
+    weights = trainable_state_dict(unwrapped, gathered_state(accelerator, model, frozen=False))
     optimizer_state = None if _uses_deepspeed(accelerator) else \
         get_optimizer_state_dict(unwrapped, _unwrap_optimizer(optimizer), options=GATHERED)
     if accelerator.is_main_process:
@@ -244,7 +246,9 @@ def load_checkpoint(path, accelerator, model, optimizer, scheduler, fingerprint:
     path = Path(path)
     state = json.loads((path / STATE_FILE).read_text())
     unwrapped = accelerator.unwrap_model(model)
-    check_fingerprint(state["frozen_fingerprint"], fingerprint or frozen_fingerprint(unwrapped), path)
+    if fingerprint is None:
+        fingerprint = frozen_fingerprint(unwrapped)
+    check_fingerprint(state["frozen_fingerprint"], fingerprint, path)
     weights = load_file(str(path / TRAINABLE_FILE))
     # by name only: under FSDP the live parameters are shards
     missing = {name for name, param in unwrapped.named_parameters() if param.requires_grad} - set(weights)
